@@ -1,0 +1,201 @@
+"""Frozen feature extractor: images -> patch features on a grid (outline 3.2.1).
+
+Aggregation follows PatchCore (Roth et al., CVPR 2022, sec. 3.1):
+
+- CNN: every selected layer map gets a local 3x3 average (stride 1, padding 1, i.e. neighbourhood
+  aggregation), is adaptive-average-pooled to the grid of the coarsest selected layer, and the layers are
+  concatenated along channels. If the concatenated width differs from ``embed_dim`` it is reduced by
+  adaptive average pooling over the channel axis (PatchCore's aggregator); e.g. wide_resnet50_2
+  layer2 + layer3 = 512 + 1024 = 1536 -> 768 averages adjacent channel pairs, so layer2 keeps 256 and
+  layer3 512 of the 768 channels.
+- ViT: the patch tokens of every selected block (CLS dropped) are concatenated (4 x 768 = 3072) and
+  channel-pooled to ``embed_dim``; with 768 this averages groups of 4 adjacent channels inside each block,
+  so every block contributes 192 channels. No local smoothing: attention already mixes the tokens.
+
+``context`` is the raw (unsmoothed, unpooled-channel) concatenation of the CNN layer maps on the grid,
+the input of the scale-context module (outline 3.3.3; 512 + 1024 = 1536 for wide_resnet50_2); None for
+the ViT. ``pooled`` is the backbone's final-layer image feature (see :mod:`.backbones`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moleflow.config import BackboneConfig
+from moleflow.features.backbones import Backbone, create_backbone
+
+
+@dataclass(frozen=True)
+class BackboneFeatures:
+    """Output of :class:`FeatureExtractor` for a batch of ``B`` images.
+
+    patches: (B, H, W, D) aggregated patch features, channel-last.
+    context: (B, H, W, C) raw multi-layer maps on the patch grid (CNNs), or None (ViT).
+    pooled:  (B, G) image-level feature of the backbone's final layer.
+    """
+
+    patches: torch.Tensor
+    context: torch.Tensor | None
+    pooled: torch.Tensor
+
+
+def image_to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 image (H, W), (H, W, 1) or (H, W, 3) -> float (3, size, size) in [0, 1].
+
+    Grey images are repeated to RGB; any aspect ratio is resized straight to ``size`` x ``size``
+    (bilinear, antialiased), as the industrial datasets are square or close to it.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise ValueError(
+            f"expected a uint8 numpy image, got {type(image).__name__} {getattr(image, 'dtype', '')}"
+        )
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3) or min(image.shape[:2]) < 1:
+        raise ValueError(f"expected an image of shape (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
+    x = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)  # copies: input may be read-only
+    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+    if x.shape[1:] != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return x.contiguous()  # bilinear weights are convex: values stay in [0, 1]
+
+
+def pool_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H, W, dim) by adaptive average pooling over the channel axis."""
+    if x.shape[-1] == dim:
+        return x
+    b, h, w, c = x.shape
+    return F.adaptive_avg_pool1d(x.reshape(b * h * w, 1, c), dim).reshape(b, h, w, dim)
+
+
+def cnn_patches(maps: Sequence[torch.Tensor], grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """[(B, C_l, H_l, W_l)] -> (B, H, W, dim): 3x3 local average, pool to ``grid``, concat, channel pool."""
+    parts = [F.adaptive_avg_pool2d(F.avg_pool2d(m, 3, stride=1, padding=1), grid) for m in maps]
+    return pool_channels(torch.cat(parts, dim=1).permute(0, 2, 3, 1), dim)
+
+
+def cnn_context(maps: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """[(B, C_l, H_l, W_l)] -> (B, H, W, sum C_l): raw maps pooled to ``grid`` and concatenated."""
+    return torch.cat([F.adaptive_avg_pool2d(m, grid) for m in maps], dim=1).permute(0, 2, 3, 1)
+
+
+def vit_patches(maps: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """[(B, 768, H, W)] patch tokens of each block -> (B, H, W, dim): concat, channel pool."""
+    return pool_channels(torch.cat(list(maps), dim=1).permute(0, 2, 3, 1), dim)
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone + PatchCore-style aggregation; see the module docstring.
+
+    ``preprocess`` turns uint8 images into the normalised batch ``forward`` takes;
+    ``extract`` does both. Always in eval mode, never tracks gradients.
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_size = int(config.image_size)
+        self.backbone: Backbone = create_backbone(
+            config.name, config.layers, self.image_size, config.pretrained
+        )
+        width = sum(self.backbone.channels)
+        if not 0 < config.embed_dim <= width:
+            raise ValueError(
+                f"backbone.embed_dim must lie in [1, {width}] (the concatenated width of layers "
+                f"{list(config.layers)} of {config.name!r}: {list(self.backbone.channels)}), "
+                f"got {config.embed_dim}"
+            )
+        self._embed_dim = int(config.embed_dim)
+        mean, std = self.backbone.mean, self.backbone.std
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._grid = self._probe_grid()
+        super().train(False)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(H, W) of the patch grid."""
+        return self._grid
+
+    @property
+    def embed_dim(self) -> int:
+        """D, the width of ``patches``."""
+        return self._embed_dim
+
+    @property
+    def context_dim(self) -> int | None:
+        """C, the width of ``context``; None for the ViT (no multi-scale maps)."""
+        return sum(self.backbone.channels) if self.backbone.kind == "cnn" else None
+
+    @property
+    def pooled_dim(self) -> int:
+        """G, the width of ``pooled``."""
+        return self.backbone.pooled_dim
+
+    # ------------------------------------------------------------------ frozen
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Frozen: stays in eval mode (BatchNorm statistics never update)."""
+        return super().train(False)
+
+    # ------------------------------------------------------------------ preprocessing
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) float RGB in [0, 1] -> (B, 3, S, S) normalised with the backbone's mean/std."""
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(
+                f"normalize expects float (B, 3, H, W) RGB in [0, 1], got {tuple(x.shape)} {x.dtype}"
+            )
+        return (x - self.mean) / self.std
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 images (H, W[, 3]) of any size -> (B, 3, S, S) normalised, on the extractor's device."""
+        if len(images) == 0:
+            raise ValueError("preprocess needs at least one image")
+        batch = torch.stack([image_to_tensor(im, self.image_size) for im in images])
+        return self.normalize(batch.to(self.mean.device))
+
+    # ------------------------------------------------------------------ extraction
+
+    def forward(self, x: torch.Tensor) -> BackboneFeatures:
+        """(B, 3, S, S) normalised images -> :class:`BackboneFeatures` (patches (B, H, W, D), ...)."""
+        s = self.image_size
+        if x.ndim != 4 or x.shape[1:] != (3, s, s) or not x.is_floating_point():
+            raise ValueError(
+                f"expected float images of shape (B, 3, {s}, {s}) normalised by FeatureExtractor.normalize "
+                f"(or use FeatureExtractor.preprocess), got {tuple(x.shape)} {x.dtype}"
+            )
+        with torch.inference_mode():
+            maps, pooled = self.backbone(x)
+            if self.backbone.kind == "cnn":
+                patches = cnn_patches(maps, self._grid, self._embed_dim)
+                context: torch.Tensor | None = cnn_context(maps, self._grid)
+            else:
+                patches, context = vit_patches(maps, self._embed_dim), None
+        # inference tensors cannot be saved for backward; clone outside the mode so that downstream
+        # trainable modules can take these features as ordinary inputs
+        return BackboneFeatures(
+            patches=patches.clone(),
+            context=None if context is None else context.clone(),
+            pooled=pooled.clone(),
+        )
+
+    def extract(self, images: Sequence[np.ndarray]) -> BackboneFeatures:
+        """uint8 images -> features; ``forward(preprocess(images))``."""
+        return self(self.preprocess(images))
+
+    def _probe_grid(self) -> tuple[int, int]:
+        """Grid of the coarsest selected layer, read off one forward pass at the configured size."""
+        probe = torch.zeros(1, 3, self.image_size, self.image_size)
+        with torch.inference_mode():
+            maps, _ = self.backbone(probe)
+        h, w = min((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
+        return int(h), int(w)

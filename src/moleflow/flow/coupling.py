@@ -1,0 +1,103 @@
+"""AllInOne-style affine coupling block on channel-last patch grids (FrEIA ``AllInOneBlock``, notes 4).
+
+Forward, for ``x (B, H, W, D)`` split into ``x1`` (first ``D - D//2`` channels) and ``x2`` (last ``D//2``)::
+
+    a        = 0.1 * subnet(x1, task)                  # (B, H, W, 2 * D//2); FrEIA's x0.1 damping
+    s        = clamp * tanh(a[..., :D//2])              # soft-clamped log-scales, |s| < clamp (1.9)
+    y2       = x2 * exp(s) + a[..., D//2:]
+    u        = [x1, y2] * g + o                         # global affine, g = 0.1 * softplus_{beta=0.5}(raw)
+    y        = u[..., perm]                             # fixed random channel permutation
+    log|det| = sum(s) + sum(log g)                      # per patch, shape (B, H, W)
+
+The block's own parameters (global scale/offset) and the subnet's base weights are shared; only the
+subnet's LoRA adapters are per task. Sign convention (FrEIA's): ``forward`` returns ``log|det J|`` and
+``inverse`` returns ``-log|det J|`` of the forward map at the recovered input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def random_permutation(dim: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(dim, generator=generator)
+
+
+class AllInOneCoupling(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        subnet_constructor,
+        *,
+        clamp: float,
+        permutation: torch.Tensor,
+        global_affine_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if permutation.shape != (dim,) or not torch.equal(permutation.sort().values, torch.arange(dim)):
+            raise ValueError(f"permutation must be a permutation of range({dim})")
+        self.dim = dim
+        self.passive = dim - dim // 2
+        self.active = dim // 2
+        self.clamp = clamp
+        self.subnet = subnet_constructor(self.passive, 2 * self.active)
+        # softplus_{beta=0.5}(raw) * 0.1 = global_affine_init at creation (FrEIA's SOFTPLUS parametrisation)
+        raw = 2.0 * math.log(math.exp(0.5 * 10.0 * global_affine_init) - 1.0)
+        self.global_scale = nn.Parameter(torch.full((dim,), raw))
+        self.global_offset = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("perm", permutation.clone())
+        self.register_buffer("inv_perm", torch.argsort(permutation))
+
+    def global_scale_value(self) -> torch.Tensor:
+        return 0.1 * F.softplus(self.global_scale, beta=0.5)
+
+    def _coefficients(self, x1: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        a = 0.1 * self.subnet(x1, task)
+        s = self.clamp * torch.tanh(a[..., : self.active])
+        return s, a[..., self.active :]
+
+    def forward(self, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, H, W, D) -> (y (B, H, W, D), log|det J| (B, H, W))``."""
+        x1, x2 = x[..., : self.passive], x[..., self.passive :]
+        s, t = self._coefficients(x1, task)
+        u = torch.cat([x1, x2 * torch.exp(s) + t], dim=-1)
+        g = self.global_scale_value()
+        y = (u * g + self.global_offset)[..., self.perm]
+        return y, s.sum(dim=-1) + torch.log(g).sum()
+
+    def inverse(self, y: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y (B, H, W, D) -> (x, -log|det J| (B, H, W))``."""
+        g = self.global_scale_value()
+        u = (y[..., self.inv_perm] - self.global_offset) / g
+        x1, y2 = u[..., : self.passive], u[..., self.passive :]
+        s, t = self._coefficients(x1, task)
+        x = torch.cat([x1, (y2 - t) * torch.exp(-s)], dim=-1)
+        return x, -(s.sum(dim=-1) + torch.log(g).sum())
+
+
+class CouplingFlow(nn.Module):
+    """A sequence of :class:`AllInOneCoupling` blocks sharing one task argument."""
+
+    def __init__(self, blocks: list[AllInOneCoupling]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, H, W, D) -> (z, log|det J| (B, H, W))``."""
+        logdet = x.new_zeros(x.shape[:-1])
+        for block in self.blocks:
+            x, ld = block(x, task)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, z: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = z.new_zeros(z.shape[:-1])
+        for block in reversed(self.blocks):
+            z, ld = block.inverse(z, task)
+            logdet = logdet + ld
+        return z, logdet

@@ -1,0 +1,78 @@
+"""LoRA linear layer with per-task low-rank adapters and task biases (outline 3.4.1, notes component 5).
+
+    h(x) = W x + b                      (shared base; trained on the first task, then frozen)
+         + scale * B_t (A_t x) + b_t    (task t's adapter; B_t = 0 and b_t = 0 at creation)
+
+``scale = alpha / rank``: the outline uses alpha = rank (scale 1), the v5 notes alpha = 1 (scale 1/rank).
+Because ``B_t`` starts at zero, a freshly added task computes exactly the base function.
+
+Per-task tensors live in ``ParameterDict``s keyed by task name (the peft layout), so generic code can
+add, remove, freeze and save one task's tensors without touching the others.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moleflow.config import LoRAConfig
+
+
+class LoRALinear(nn.Module):
+    """A linear layer ``(..., in_features) -> (..., out_features)`` with per-task LoRA experts."""
+
+    task_containers = ("lora_A", "lora_B", "task_bias")
+
+    def __init__(self, in_features: int, out_features: int, cfg: LoRAConfig) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank = cfg.rank
+        self.scale = cfg.alpha / cfg.rank
+        self.a_init = cfg.a_init
+        self.use_task_bias = cfg.task_bias
+        self.base = nn.Linear(in_features, out_features)
+        self.lora_A = nn.ParameterDict()  # task -> (rank, in_features)
+        self.lora_B = nn.ParameterDict()  # task -> (out_features, rank)
+        self.task_bias = nn.ParameterDict()  # task -> (out_features,)
+
+    def add_task(self, task: str) -> None:
+        weight = self.base.weight
+        a = torch.empty(self.rank, self.in_features, device=weight.device, dtype=weight.dtype)
+        if self.a_init == "xavier_uniform":
+            nn.init.xavier_uniform_(a)
+        else:  # N(0, 1/r), the outline's initialisation
+            nn.init.normal_(a, std=1.0 / math.sqrt(self.rank))
+        self.lora_A[task] = nn.Parameter(a)
+        self.lora_B[task] = nn.Parameter(weight.new_zeros(self.out_features, self.rank))
+        if self.use_task_bias:
+            self.task_bias[task] = nn.Parameter(weight.new_zeros(self.out_features))
+
+    def remove_task(self, task: str) -> None:
+        for container in (self.lora_A, self.lora_B, self.task_bias):
+            if task in container:
+                del container[task]
+
+    def effective_bias(self, task: str | None) -> torch.Tensor:
+        if task is not None and task in self.task_bias:
+            return self.base.bias + self.task_bias[task]
+        return self.base.bias
+
+    def merged_weight(self, task: str) -> torch.Tensor:
+        """``W + scale * B_t A_t`` of shape ``(out_features, in_features)``, for deployment of one task."""
+        return self.base.weight + self.scale * (self.lora_B[task] @ self.lora_A[task])
+
+    def forward(self, x: torch.Tensor, task: str | None) -> torch.Tensor:
+        """``x (..., in) -> (..., out)``; ``task=None`` evaluates the base function alone."""
+        out = F.linear(x, self.base.weight, self.effective_bias(task))
+        if task is None:
+            return out
+        if task not in self.lora_A:
+            raise KeyError(f"task {task!r} has no LoRA adapter here; known tasks: {list(self.lora_A)}")
+        low_rank = F.linear(F.linear(x, self.lora_A[task]), self.lora_B[task])
+        return out + self.scale * low_rank
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"
