@@ -1,0 +1,99 @@
+"""Task prototypes and the Mahalanobis router (outline 3.6).
+
+Each task keeps the mean ``mu_t`` and the precision ``(Sigma_t + reg I)^-1`` of its training images'
+routing features (``G``-dim). Statistics are accumulated in a streaming way (Chan et al.'s pairwise
+update of mean and scatter, float64), so a task's features never need to sit in memory at once.
+An image goes to the task with the smallest (squared) Mahalanobis or Euclidean distance; every image
+of a batch is routed on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moleflow.config import RouterConfig
+
+
+@dataclass
+class PrototypeAccumulator:
+    """Streaming mean and scatter matrix of ``(N, G)`` feature batches."""
+
+    count: int = 0
+    mean: torch.Tensor | None = None  # (G,) float64
+    scatter: torch.Tensor | None = None  # (G, G) float64, sum of outer products of deviations
+
+    def update(self, features: torch.Tensor) -> None:
+        x = features.detach().to(torch.float64).reshape(-1, features.shape[-1])
+        if not torch.isfinite(x).all():
+            raise ValueError("routing features contain NaN or inf; check the backbone input images")
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean = x.mean(dim=0)
+        centred = x - batch_mean
+        batch_scatter = centred.T @ centred
+        if self.count == 0:
+            self.count, self.mean, self.scatter = n, batch_mean, batch_scatter
+            return
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.scatter = self.scatter + batch_scatter + torch.outer(delta, delta) * (self.count * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.count = total
+
+    def finalize(self, covariance_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean (G,), precision (G, G))`` with ``Sigma = scatter / (N - 1) + reg * I``."""
+        if self.count < 2:
+            raise ValueError(f"a task prototype needs at least 2 training images, got {self.count}")
+        cov = self.scatter / (self.count - 1)
+        cov = cov + covariance_reg * torch.eye(cov.shape[0], dtype=cov.dtype)
+        chol = torch.linalg.cholesky(cov)
+        precision = torch.cholesky_inverse(chol)
+        return self.mean.clone(), 0.5 * (precision + precision.T)
+
+
+@dataclass
+class Router:
+    """Prototype router over the learned tasks (in learning order)."""
+
+    cfg: RouterConfig
+    tasks: list[str] = field(default_factory=list)
+    means: torch.Tensor | None = None  # (T, G) float64
+    precisions: torch.Tensor | None = None  # (T, G, G) float64
+
+    def add(self, task: str, mean: torch.Tensor, precision: torch.Tensor) -> None:
+        if task in self.tasks:
+            raise ValueError(f"the router already has a prototype for {task!r}")
+        mean, precision = mean.to(torch.float64)[None], precision.to(torch.float64)[None]
+        if self.means is not None and mean.shape[-1] != self.means.shape[-1]:
+            raise ValueError(f"prototype of {task!r} has dim {mean.shape[-1]}, router has {self.means.shape[-1]}")
+        self.means = mean if self.means is None else torch.cat([self.means, mean])
+        self.precisions = precision if self.precisions is None else torch.cat([self.precisions, precision])
+        self.tasks.append(task)
+
+    def remove(self, task: str) -> None:
+        i = self.tasks.index(task)
+        keep = [j for j in range(len(self.tasks)) if j != i]
+        self.means, self.precisions = self.means[keep], self.precisions[keep]
+        self.tasks.pop(i)
+
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        """Squared distances ``(B, T)`` of ``features (B, G)`` to every prototype."""
+        if not self.tasks:
+            raise RuntimeError("the router has no tasks yet")
+        x = features.detach().to(torch.float64)
+        diff = x[:, None, :] - self.means[None]  # (B, T, G)
+        if self.cfg.metric == "euclidean":
+            return diff.pow(2).sum(dim=-1)
+        if self.cfg.metric == "mahalanobis":
+            return torch.einsum("btg,tgh,bth->bt", diff, self.precisions, diff)
+        raise ValueError(f"unknown router metric {self.cfg.metric!r}")
+
+    def route(self, features: torch.Tensor) -> torch.Tensor:
+        """Index into ``self.tasks`` of the nearest prototype per image, ``(B,)`` long."""
+        return self.distances(features).argmin(dim=1)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"means": self.means, "precisions": self.precisions}

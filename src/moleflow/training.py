@@ -1,0 +1,150 @@
+"""The continual trainer: learns tasks one after another on cached backbone features.
+
+The first task trains the shared base together with its own parts; every later task trains only its
+own parts (LoRA A/B and biases, whitening, DIA, a per-task mixer gate), so by construction
+d(loss_t)/d(base) is never applied and earlier tasks cannot change. ``train.base_policy =
+"always_trainable"`` is the unfrozen baseline of the ablations (it forgets).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from moleflow.config import MoleFlowConfig, TrainConfig
+from moleflow.features.cache import CachedFeatures
+from moleflow.flow.model import MoLEFlow
+from moleflow.losses import logdet_penalty, patch_nll, tail_aware_loss
+from moleflow.routing import PrototypeAccumulator, Router
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TaskTrainingReport:
+    task: str
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    trainable_parameters: int = 0
+
+
+def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamP (default) or AdamW with one parameter group per component and its lr multiplier."""
+    param_groups = [
+        {"params": params, "lr": cfg.lr * cfg.lr_multipliers.get(name, 1.0), "name": name}
+        for name, params in groups.items()
+    ]
+    if cfg.optimizer == "adamp":
+        from adamp import AdamP
+
+        return AdamP(
+            param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            delta=cfg.adamp_delta, wd_ratio=cfg.adamp_wd_ratio,
+        )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamp' or 'adamw'")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: ``lr(e) = lr0 * 0.5 * (1 + cos(pi * e / E))`` (cosine) or constant."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def routing_features(model: MoLEFlow, batch: CachedFeatures, feature: str) -> torch.Tensor:
+    """Image-level routing features ``(B, G)``.
+
+    ``patch_mean``: mean over the grid of ``F0 + PE`` (v5); ``backbone_pooled``: the backbone's
+    final-layer image feature (outline). Neither depends on learned parameters.
+    """
+    if feature == "backbone_pooled":
+        return batch.pooled
+    patches = batch.patches
+    if model.cfg.positional_encoding:
+        patches = patches + model.positional(patches.shape[1], patches.shape[2], patches)
+    return patches.mean(dim=(1, 2))
+
+
+class ContinualTrainer:
+    def __init__(self, model: MoLEFlow, router: Router, cfg: MoleFlowConfig, device: torch.device | str = "cpu"):
+        self.model, self.router, self.cfg = model, router, cfg
+        self.device = torch.device(device)
+
+    def objective(self, batch: CachedFeatures, task: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one batch of ``task``: tail-aware NLL + lambda_logdet * logdet^2 + whitening reg."""
+        lcfg, model = self.cfg.loss, self.model
+        out = model(batch.patches, task, batch.context)
+        nll = patch_nll(out.z, out.logdet)
+        loss = tail_aware_loss(nll, lcfg.tail_weight, lcfg.tail_top_k, lcfg.tail_scope)
+        parts = {"nll": float(nll.detach().mean())}
+        if lcfg.logdet_weight:
+            loss = loss + lcfg.logdet_weight * logdet_penalty(out.logdet)
+        wcfg = model.cfg.whitening
+        if wcfg is not None and wcfg.identity_reg_weight and (wcfg.identity_reg_tasks == "all" or task == model.tasks[0]):
+            loss = loss + wcfg.identity_reg_weight * model.whitening[task].identity_penalty()
+        return loss, parts
+
+    def learn_task(self, task: str, features: CachedFeatures, progress: bool = True) -> TaskTrainingReport:
+        """Add ``task`` to the model, train its parts on ``features``, and give it a router prototype."""
+        tcfg = self.cfg.train
+        start = time.perf_counter()
+        torch.manual_seed(tcfg.seed + len(self.model.tasks))  # initialisation of the new task's parts
+        first = not self.model.tasks
+        self.model.add_task(task)
+        train_base = first or tcfg.base_policy == "always_trainable"
+        self.model.set_trainable(task, train_base)
+        groups = self.model.parameter_groups(task, train_base)
+        trainable = [p for ps in groups.values() for p in ps]
+        optimizer, report = build_optimizer(groups, tcfg), TaskTrainingReport(task)
+        scheduler = build_scheduler(optimizer, tcfg)
+        report.trainable_parameters = sum(p.numel() for p in trainable)
+        generator = torch.Generator().manual_seed(tcfg.seed + 7919 * len(self.model.tasks))
+        log.info("learning task %r (%d images, %d trainable parameters, base %s)", task, len(features),
+                 report.trainable_parameters, "trained" if train_base else "frozen")
+        self.model.train()
+        bar = tqdm(range(tcfg.epochs), desc=f"train {task}", disable=not progress, leave=False)
+        for epoch in bar:
+            total, count = 0.0, 0
+            for batch in features.batches(tcfg.batch_size, shuffle=True, generator=generator):
+                batch = batch.to(self.device)
+                loss, _ = self.objective(batch, task)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"task {task!r}, epoch {epoch}: loss is {loss.item()}; lower train.lr or check the features"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tcfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
+                optimizer.step()
+                total, count = total + loss.item() * len(batch), count + len(batch)
+            scheduler.step()
+            report.epoch_losses.append(total / max(1, count))
+            bar.set_postfix(loss=f"{report.epoch_losses[-1]:.3f}")
+        self.model.set_trainable(None, train_base=False)
+        self.model.eval()
+        self.add_prototype(task, features)
+        report.seconds = time.perf_counter() - start
+        log.info("task %r learned in %.1fs, final loss %.4f", task, report.seconds,
+                 report.epoch_losses[-1] if report.epoch_losses else math.nan)
+        return report
+
+    @torch.no_grad()
+    def add_prototype(self, task: str, features: CachedFeatures, batch_size: int = 64) -> None:
+        """Stream the task's routing features into its prototype (mean, regularised precision)."""
+        acc = PrototypeAccumulator()
+        for batch in features.batches(batch_size):
+            acc.update(routing_features(self.model, batch.to(self.device), self.router.cfg.feature).cpu())
+        mean, precision = acc.finalize(self.router.cfg.covariance_reg)
+        self.router.add(task, mean, precision)

@@ -1,0 +1,148 @@
+"""LoRALinear: fresh tasks compute the base function exactly, merging, initialisation, scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moleflow.config import LoRAConfig, apply_overrides, preset
+from moleflow.flow.lora import LoRALinear
+from moleflow.flow.model import MoLEFlow
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def perturb(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def randn(*shape, seed: int = 5) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def make_layer(in_f: int = 6, out_f: int = 5, **cfg) -> LoRALinear:
+    torch.manual_seed(0)
+    layer = LoRALinear(in_f, out_f, LoRAConfig(**{"rank": 3, "alpha": 2.0, **cfg})).double()
+    return layer
+
+
+def test_fresh_task_is_exactly_the_base() -> None:
+    layer = make_layer()
+    layer.add_task("old")
+    perturb(layer)  # base and the old task's A, B, bias all non-zero
+    layer.add_task("new")
+    assert torch.equal(layer.lora_B["new"], torch.zeros(5, 3, dtype=F64))
+    assert torch.equal(layer.task_bias["new"], torch.zeros(5, dtype=F64))
+    assert layer.lora_A["new"].abs().max() > 0
+    x = randn(2, 3, 4, 6)
+    assert torch.equal(layer(x, "new"), layer(x, None))
+    assert not torch.allclose(layer(x, "old"), layer(x, None))
+    assert torch.equal(layer(x, None), F.linear(x, layer.base.weight, layer.base.bias))
+
+
+def test_unknown_task_raises() -> None:
+    layer = make_layer()
+    with pytest.raises(KeyError):
+        layer(randn(2, 6), "nope")
+
+
+@pytest.mark.parametrize("task_bias", [True, False])
+def test_merged_weight_matches_unmerged_forward(task_bias: bool) -> None:
+    layer = make_layer(task_bias=task_bias)
+    layer.add_task("t")
+    perturb(layer)
+    assert ("t" in layer.task_bias) == task_bias
+    x = randn(7, 6)
+    merged = F.linear(x, layer.merged_weight("t"), layer.effective_bias("t"))
+    torch.testing.assert_close(merged, layer(x, "t"), rtol=0, atol=1e-12)
+    expected_bias = layer.base.bias + (layer.task_bias["t"] if task_bias else 0)
+    torch.testing.assert_close(layer.effective_bias("t"), expected_bias, rtol=0, atol=0)
+    assert torch.equal(layer.effective_bias(None), layer.base.bias)
+
+
+def test_scale_is_alpha_over_rank() -> None:
+    layer = make_layer(rank=8, alpha=2.0)
+    assert layer.scale == 0.25
+    layer.add_task("t")
+    perturb(layer)
+    x = randn(4, 6)
+    # the adapter's contribution is scale * B A x + b_t exactly
+    delta = layer(x, "t") - layer(x, None)
+    expected = 0.25 * x @ layer.lora_A["t"].T @ layer.lora_B["t"].T + layer.task_bias["t"]
+    torch.testing.assert_close(delta, expected, rtol=0, atol=1e-12)
+    assert make_layer(rank=64, alpha=64.0).scale == 1.0
+    assert make_layer(rank=64, alpha=1.0).scale == 1.0 / 64
+
+
+def test_normal_init_std_is_one_over_sqrt_rank() -> None:
+    torch.manual_seed(0)
+    layer = LoRALinear(512, 8, LoRAConfig(rank=64, alpha=1.0, a_init="normal"))
+    layer.add_task("t")
+    a = layer.lora_A["t"]
+    assert a.shape == (64, 512)
+    std = a.std().item()
+    assert abs(std - 1 / math.sqrt(64)) < 0.05 * (1 / math.sqrt(64))
+    assert abs(a.mean().item()) < 0.01
+
+
+def test_xavier_init_bound() -> None:
+    torch.manual_seed(0)
+    layer = LoRALinear(512, 8, LoRAConfig(rank=64, alpha=1.0, a_init="xavier_uniform"))
+    layer.add_task("t")
+    a = layer.lora_A["t"]
+    bound = math.sqrt(6.0 / (512 + 64))  # fan_in = 512, fan_out = rank
+    assert a.abs().max().item() <= bound
+    assert a.abs().max().item() > 0.99 * bound
+    assert abs(a.std().item() - bound / math.sqrt(3)) < 0.05 * bound / math.sqrt(3)
+
+
+def test_add_remove_task_containers() -> None:
+    layer = make_layer()
+    layer.add_task("a")
+    layer.add_task("b")
+    layer.remove_task("a")
+    for container in (layer.lora_A, layer.lora_B, layer.task_bias):
+        assert list(container) == ["b"]
+
+
+def test_new_task_in_moleflow_computes_the_base_flow() -> None:
+    torch.manual_seed(0)
+    cfg = apply_overrides(
+        preset("v5"), ["model.backbone.embed_dim=8", "model.flow.coupling_layers=3", "model.flow.lora.rank=4"]
+    ).model
+    model = MoLEFlow(cfg)
+    model.add_task("old")
+    model.double()
+    perturb(model)
+    model.add_task("new")  # created in float64 after the move
+    assert model.dia["new"].blocks[0].out_layer.weight.dtype == F64
+    patches = randn(2, 3, 4, 8)
+    f3 = model.adapt(model.prepare(patches), "new")
+    z_base, ld_base = model.flow(f3, None)  # the shared flow without any LoRA
+    out = model(patches, "new")
+    assert torch.equal(out.z_base, z_base)
+    # the new DIA is exactly the identity
+    z_dia, ld_dia = model.dia["new"](z_base)
+    assert torch.equal(z_dia, z_base) and torch.equal(ld_dia, torch.zeros_like(ld_dia))
+    assert torch.equal(out.z, z_base)
+    assert torch.equal(out.logdet, ld_base)
+    for layer in (m for m in model.modules() if isinstance(m, LoRALinear)):
+        x = randn(3, layer.in_features, seed=2)
+        assert torch.equal(layer(x, "new"), layer(x, None))
+    # the old (perturbed) task does differ from the base
+    f3_old = model.adapt(model.prepare(patches), "old")
+    assert not torch.allclose(model.flow(f3_old, "old")[0], model.flow(f3_old, None)[0])

@@ -1,0 +1,65 @@
+"""Streaming prototypes and the Mahalanobis router."""
+
+import numpy as np
+import pytest
+import torch
+
+from moleflow.config import RouterConfig
+from moleflow.routing import PrototypeAccumulator, Router
+
+
+def test_streaming_statistics_equal_batch_statistics():
+    x = torch.randn(101, 6, dtype=torch.float64) * torch.arange(1, 7) + 3
+    acc = PrototypeAccumulator()
+    for chunk in torch.split(x, [7, 30, 1, 63]):
+        acc.update(chunk)
+    mean, precision = acc.finalize(covariance_reg=1e-5)
+    cov = np.cov(x.numpy(), rowvar=False) + 1e-5 * np.eye(6)
+    np.testing.assert_allclose(mean.numpy(), x.mean(0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(precision.numpy(), np.linalg.inv(cov), rtol=1e-8)
+
+
+def test_prototype_needs_two_images_and_finite_features():
+    acc = PrototypeAccumulator()
+    acc.update(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        acc.finalize(1e-5)
+    with pytest.raises(ValueError, match="NaN"):
+        acc.update(torch.tensor([[float("nan"), 0.0, 0.0]]))
+
+
+def test_mahalanobis_distance_by_hand_and_metric_choice():
+    router = Router(RouterConfig(metric="mahalanobis"))
+    router.add("a", torch.zeros(2), torch.diag(torch.tensor([1.0, 1 / 100.0])))
+    router.add("b", torch.tensor([3.0, 0.0]), torch.eye(2))
+    x = torch.tensor([[0.0, 9.0]])  # to a: 81/100 = 0.81 ; to b: 9 + 81 = 90
+    torch.testing.assert_close(router.distances(x), torch.tensor([[0.81, 90.0]], dtype=torch.float64))
+    assert router.route(x).tolist() == [0]
+    euclid = Router(RouterConfig(metric="euclidean"), ["a", "b"], router.means, router.precisions)
+    assert euclid.route(torch.tensor([[2.0, 9.0]])).tolist() == [1]  # 85 vs 82
+
+
+def test_router_separates_anisotropic_tasks_where_euclidean_fails():
+    g = torch.Generator().manual_seed(0)
+    # task a: spread along x; task b: spread along y; centres close together
+    a = torch.randn(500, 2, generator=g) * torch.tensor([5.0, 0.2])
+    b = torch.randn(500, 2, generator=g) * torch.tensor([0.2, 5.0]) + torch.tensor([1.0, 0.0])
+    maha = Router(RouterConfig(metric="mahalanobis"))
+    for name, feats in (("a", a), ("b", b)):
+        acc = PrototypeAccumulator()
+        acc.update(feats)
+        maha.add(name, *acc.finalize(1e-5))
+    test_a = torch.randn(200, 2, generator=g) * torch.tensor([5.0, 0.2])
+    accuracy = (maha.route(test_a) == 0).double().mean().item()
+    assert accuracy > 0.95
+    euclid = Router(RouterConfig(metric="euclidean"), maha.tasks, maha.means, maha.precisions)
+    assert (euclid.route(test_a) == 0).double().mean().item() < accuracy - 0.2
+
+
+def test_remove_task():
+    router = Router(RouterConfig())
+    for i, name in enumerate("abc"):
+        router.add(name, torch.full((2,), float(i)), torch.eye(2))
+    router.remove("b")
+    assert router.tasks == ["a", "c"]
+    assert router.route(torch.tensor([[2.0, 2.0]])).tolist() == [1]
