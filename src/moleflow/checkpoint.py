@@ -76,8 +76,22 @@ def save_base(model: MoLEFlow, cfg: MoleFlowConfig, directory: Path) -> None:
     atomic_save(model.base_state_dict(), directory / "base.safetensors", meta)
 
 
-def save_task(model: MoLEFlow, cfg: MoleFlowConfig, task: str, directory: Path) -> None:
-    atomic_save(model.task_state_dict(task), directory / "tasks" / f"{task}.safetensors", _meta(cfg, task=task))
+def save_task(
+    model: MoLEFlow, cfg: MoleFlowConfig, task: str, directory: Path, threshold: float | None = None
+) -> None:
+    """One task's tensors; ``threshold`` is its image-score decision threshold (kept in the metadata)."""
+    extra = {"task": task} if threshold is None else {"task": task, "threshold": repr(float(threshold))}
+    atomic_save(model.task_state_dict(task), directory / "tasks" / f"{task}.safetensors", _meta(cfg, **extra))
+
+
+def load_thresholds(cfg: MoleFlowConfig, directory: Path, tasks: list[str]) -> dict[str, float | None]:
+    """Decision thresholds stored with each task (``None`` where a task file has none)."""
+    fp = model_fingerprint(cfg)
+    out: dict[str, float | None] = {}
+    for task in tasks:
+        _, meta = _read(directory / "tasks" / f"{task}.safetensors", fp)
+        out[task] = float(meta["threshold"]) if "threshold" in meta else None
+    return out
 
 
 def save_router(router: Router, cfg: MoleFlowConfig, directory: Path) -> None:

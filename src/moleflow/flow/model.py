@@ -224,23 +224,35 @@ class MoLEFlow(nn.Module):
         return {_neutral(k): v for k, v in self.state_dict().items() if _task_of(k) == task}
 
     def load_task_state_dict(self, task: str, state: dict[str, torch.Tensor]) -> None:
-        """Create ``task`` if needed and load its tensors; keys and shapes must match exactly."""
-        if task not in self.tasks:
+        """Create ``task`` if needed and load its tensors; keys and shapes must match exactly.
+
+        On a mismatch nothing changes: a task created here is removed again before the error.
+        """
+        created = task not in self.tasks
+        if created:
             self.add_task(task)
-        expected = self.task_state_dict(task)
-        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"task {task!r}: tensors do not match this model (missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}); was it saved with another config?"
-            )
+        try:
+            expected = self.task_state_dict(task)
+            missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+            if missing or unexpected:
+                raise ValueError(
+                    f"task {task!r}: tensors do not match this model (missing {sorted(missing)[:5]}, "
+                    f"unexpected {sorted(unexpected)[:5]}); was it saved with another config?"
+                )
+            for key, value in state.items():
+                if expected[key].shape != value.shape:
+                    raise ValueError(
+                        f"{key.replace(TASK_PLACEHOLDER, task)}: shape {tuple(value.shape)} in file, "
+                        f"{tuple(expected[key].shape)} here; was it saved with another config?"
+                    )
+        except ValueError:
+            if created:
+                self.remove_task(task)
+            raise
         own = dict(self.named_parameters())
         with torch.no_grad():
             for key, value in state.items():
-                name = key.replace(TASK_PLACEHOLDER, task)
-                if own[name].shape != value.shape:
-                    raise ValueError(f"{name}: shape {tuple(value.shape)} in file, {tuple(own[name].shape)} here")
-                own[name].copy_(value)
+                own[key.replace(TASK_PLACEHOLDER, task)].copy_(value)
 
 
 def _task_of(name: str) -> str | None:
