@@ -52,7 +52,7 @@ def _train(cfg: MoleFlowConfig, specs: list[str], data_root: str | None, out: Pa
     tasks = _tasks(specs, data_root, limits)
     exp = ContinualExperiment(cfg, out, progress=progress, num_workers=workers)
     start = time.perf_counter()
-    results = exp.run(tasks)
+    results = exp.run(tasks, specs, limits)
     write_report(out, results, _examples(exp))
     print(format_summary_table(results))
     print(f"\nrun directory: {out}  ({time.perf_counter() - start:.0f} s)  report: {out / 'report.md'}")
@@ -128,12 +128,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     _setup_logging(None, args.verbose)
     cfg, extractor, model, router, thresholds = _load_run(run_dir)
-    specs = {t["name"]: t["source"] for t in json.loads((run_dir / "tasks.json").read_text())["tasks"]}
+    recorded = json.loads((run_dir / "tasks.json").read_text())
+    specs = {t["name"]: t["spec"] for t in recorded["tasks"]}
     exp = ContinualExperiment(cfg, run_dir, progress=not args.no_progress)
     exp.extractor, exp.model, exp.router, exp.thresholds = extractor, model, router, thresholds
     exp.trainer.model, exp.trainer.router = model, router
     previous = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
-    tasks = _tasks([f"{name}={src}" if "=" not in src else src for name, src in specs.items()], args.data)
+    limits = tuple(recorded["limits"]) if recorded.get("limits") else None
+    tasks = _tasks([spec if "=" in spec else f"{name}={spec}" for name, spec in specs.items()], args.data, limits)
     for task in tasks:
         exp.eval_sets[task.name] = exp.prepare_eval_set(task)
     # earlier rows of the accuracy matrices cannot be recomputed (those states are gone): keep them

@@ -168,13 +168,17 @@ class ContinualExperiment:
             log.info("after %r: %r routed %s | oracle %s", self.model.tasks[-1], name,
                      _fmt(routed.values), _fmt(oracle.values))
 
-    def run(self, tasks: list[TaskData]) -> dict:
+    def run(self, tasks: list[TaskData], specs: list[str] | None = None, limits: tuple[int, int] | None = None) -> dict:
+        """Learn and evaluate ``tasks`` in order. ``specs``/``limits`` (how the tasks were resolved) are
+        written to ``tasks.json`` so that ``moleflow eval`` can rebuild the same test sets."""
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(dump_yaml(self.cfg), self.run_dir / "config.yaml")
-        write_json_atomic({"tasks": [{"name": t.name, "source": t.source} for t in tasks]}, self.run_dir / "tasks.json")
+        specs = specs or [None] * len(tasks)
+        entries = [{"name": t.name, "spec": spec, "source": t.source} for t, spec in zip(tasks, specs)]
+        write_json_atomic({"tasks": entries, "limits": limits}, self.run_dir / "tasks.json")
         for task in tasks:
             self.learn(task)
             self.eval_sets[task.name] = self.prepare_eval_set(task)
