@@ -14,10 +14,22 @@ from moleflow.flow.model import MoLEFlow, _task_of
 
 # the spec's own figures (method-outline.md "파라미터 수"; implementation-notes.md "Parameter Count")
 SPEC = {
-    "paper": {"lora": "1.92M", "task_bias": "14K", "whitening": "1.5K", "dia": "1.77M", "per_task": "3.71M",
-              "base": "8.9M (NF base)"},
-    "v5": {"lora": "1.57M", "task_bias": "12K", "whitening": "1.5K", "dia": "~500K", "per_task": "~2.1M",
-           "base": "19.5M (18.9M NF + 0.6M mixer)"},
+    "paper": {
+        "lora": "1.92M",
+        "task_bias": "14K",
+        "whitening": "1.5K",
+        "dia": "1.77M",
+        "per_task": "3.71M",
+        "base": "8.9M (NF base)",
+    },
+    "v5": {
+        "lora": "1.57M",
+        "task_bias": "12K",
+        "whitening": "1.5K",
+        "dia": "~500K",
+        "per_task": "~2.1M",
+        "base": "19.5M (18.9M NF + 0.6M mixer)",
+    },
     "offline": {},
 }
 CONTEXT_DIM = {"paper": 1536, "v5": None, "offline": 168}

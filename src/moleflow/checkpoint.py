@@ -113,7 +113,9 @@ def load_all(cfg: MoleFlowConfig, directory: Path, context_dim: int | None = Non
     model = MoLEFlow(cfg.model, context_dim=context_dim or int(meta.get("context_dim", "0")) or None)
     missing = set(model.base_state_dict()) ^ set(base)
     if missing:
-        raise CheckpointError(f"base checkpoint does not match this model: differing keys {sorted(missing)[:5]}")
+        raise CheckpointError(
+            f"base checkpoint does not match this model: differing keys {sorted(missing)[:5]}"
+        )
     model.load_state_dict(base, strict=False)
     router_tensors, router_meta = _read(directory / "router.safetensors", fp)
     tasks = json.loads(router_meta["tasks"])

@@ -27,8 +27,11 @@ def _setup_logging(run_dir: Path | None, verbose: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log"))
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.DEBUG if verbose else logging.INFO,
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
 
 
@@ -44,8 +47,15 @@ def _tasks(specs: list[str], data_root: str | None, limits: tuple[int, int] | No
     return [subsample_task(t, *limits) for t in tasks] if limits else tasks
 
 
-def _train(cfg: MoleFlowConfig, specs: list[str], data_root: str | None, out: Path, limits=None,
-           progress: bool = True, workers: int = 0) -> dict:
+def _train(
+    cfg: MoleFlowConfig,
+    specs: list[str],
+    data_root: str | None,
+    out: Path,
+    limits=None,
+    progress: bool = True,
+    workers: int = 0,
+) -> dict:
     from moleflow.experiment import ContinualExperiment
     from moleflow.report import format_summary_table, write_report
 
@@ -71,7 +81,9 @@ def _examples(exp) -> dict:
         anomalous = np.flatnonzero(es.labels == 1)[:3].tolist()
         normal = np.flatnonzero(es.labels == 0)[:1].tolist()
         picks = anomalous + normal
-        maps = anomaly_maps(final.scored.patch_scores[picks], (size, size), exp.cfg.scoring.smoothing_sigma).numpy()
+        maps = anomaly_maps(
+            final.scored.patch_scores[picks], (size, size), exp.cfg.scoring.smoothing_sigma
+        ).numpy()
         out[name] = TaskExamples(
             task=name,
             images=[_resize_image(es.samples[i].load_image(), size) for i in picks],
@@ -95,8 +107,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args.config, args.set)
     out = Path(args.out)
     _setup_logging(out, args.verbose)
-    _train(cfg, [s for spec in args.tasks for s in spec.split(",") if s], args.data, out,
-           progress=not args.no_progress, workers=args.workers)
+    _train(
+        cfg,
+        [s for spec in args.tasks for s in spec.split(",") if s],
+        args.data,
+        out,
+        progress=not args.no_progress,
+        workers=args.workers,
+    )
     return 0
 
 
@@ -104,8 +122,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _setup_logging(out, args.verbose)
     cfg = _config("offline", list(DEMO_OVERRIDES) + args.set)
-    log.info("demo: offline preset, tasks %s, at most %d train / %d test images per task",
-             ", ".join(DEMO_TASKS), *DEMO_LIMITS)
+    log.info(
+        "demo: offline preset, tasks %s, at most %d train / %d test images per task",
+        ", ".join(DEMO_TASKS),
+        *DEMO_LIMITS,
+    )
     _train(cfg, list(DEMO_TASKS), None, out, limits=DEMO_LIMITS, progress=not args.no_progress)
     return 0
 
@@ -133,9 +154,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     exp = ContinualExperiment(cfg, run_dir, progress=not args.no_progress)
     exp.extractor, exp.model, exp.router, exp.thresholds = extractor, model, router, thresholds
     exp.trainer.model, exp.trainer.router = model, router
-    previous = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+    previous = (
+        json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+    )
     limits = tuple(recorded["limits"]) if recorded.get("limits") else None
-    tasks = _tasks([spec if "=" in spec else f"{name}={spec}" for name, spec in specs.items()], args.data, limits)
+    tasks = _tasks(
+        [spec if "=" in spec else f"{name}={spec}" for name, spec in specs.items()], args.data, limits
+    )
     for task in tasks:
         exp.eval_sets[task.name] = exp.prepare_eval_set(task)
     # earlier rows of the accuracy matrices cannot be recomputed (those states are gone): keep them
@@ -145,7 +170,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             mats[m] = AccuracyMatrix.from_rows(rows) if rows else AccuracyMatrix()
     exp.evaluate_all()
     results = {**previous, **exp.results()}
-    results["timing"] = {**previous.get("timing", {}), "inference_ms_per_image": results["timing"]["inference_ms_per_image"]}
+    results["timing"] = {
+        **previous.get("timing", {}),
+        "inference_ms_per_image": results["timing"]["inference_ms_per_image"],
+    }
     write_json_atomic(results, run_dir / "results.json")
     write_report(run_dir, results, _examples(exp))
     print(format_summary_table(results))
@@ -176,7 +204,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         feats = extractor.extract([image])
         from moleflow.features.cache import CachedFeatures
 
-        cached = CachedFeatures(feats.patches, feats.context if model.scale_context is not None else None, feats.pooled)
+        cached = CachedFeatures(
+            feats.patches, feats.context if model.scale_context is not None else None, feats.pooled
+        )
         scored = score_features(model, router, cached, cfg.scoring)
         task = router.tasks[int(scored.task_index[0])]
         score = float(scored.image_scores[0])
@@ -185,12 +215,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
         amap = anomaly_maps(scored.patch_scores, image.shape[:2], cfg.scoring.smoothing_sigma)[0].numpy()
         heatmap = out_dir / f"{path.stem}_heatmap.png"
         vmax = max(threshold or float(amap.max()), float(amap.max()))
-        save_prediction_figure(image, amap, heatmap, f"{path.name}: {task}, score {score:.2f} -> {verdict}",
-                               vmin=float(np.percentile(amap, 1)), vmax=vmax)
-        rows.append({"image": str(path), "task": task, "score": score, "threshold": threshold,
-                     "verdict": verdict, "heatmap": str(heatmap)})
-        print(f"{path}\ttask={task}\tscore={score:.3f}\tthreshold={threshold if threshold is None else round(threshold, 3)}"
-              f"\t{verdict}\t{heatmap}")
+        save_prediction_figure(
+            image,
+            amap,
+            heatmap,
+            f"{path.name}: {task}, score {score:.2f} -> {verdict}",
+            vmin=float(np.percentile(amap, 1)),
+            vmax=vmax,
+        )
+        rows.append(
+            {
+                "image": str(path),
+                "task": task,
+                "score": score,
+                "threshold": threshold,
+                "verdict": verdict,
+                "heatmap": str(heatmap),
+            }
+        )
+        print(
+            f"{path}\ttask={task}\tscore={score:.3f}\tthreshold={threshold if threshold is None else round(threshold, 3)}"
+            f"\t{verdict}\t{heatmap}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "predictions.json").write_text(json.dumps(rows, indent=2))
     return 0
@@ -209,8 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, with_set=True):
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         if with_set:
-            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a config value, e.g. --set train.epochs=20 (repeatable)")
+            sp.add_argument(
+                "--set",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="override a config value, e.g. --set train.epochs=20 (repeatable)",
+            )
 
     t = sub.add_parser("train", help="learn tasks in order, evaluate after each, write a run directory")
     t.add_argument("config", help="preset (paper, v5, offline) or YAML file")

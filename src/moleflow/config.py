@@ -185,7 +185,9 @@ class MoleFlowConfig:
         """Raise :class:`ConfigError` on values the method cannot run with."""
         d = self.model.backbone.embed_dim
         if d % 4:
-            raise ConfigError(f"model.backbone.embed_dim must be divisible by 4 (2D positional encoding), got {d}")
+            raise ConfigError(
+                f"model.backbone.embed_dim must be divisible by 4 (2D positional encoding), got {d}"
+            )
         if self.model.flow.lora.rank < 1:
             raise ConfigError("model.flow.lora.rank must be >= 1")
         if not 0.0 <= self.loss.tail_weight <= 1.0:
@@ -194,12 +196,14 @@ class MoleFlowConfig:
             raise ConfigError(f"loss.tail_top_k is a fraction in (0, 1], got {self.loss.tail_top_k}")
         if self.scoring.top_k < 1:
             raise ConfigError("scoring.top_k must be >= 1")
-        lo, hi = (self.model.whitening.gamma_range if self.model.whitening else (0.5, 2.0))
+        lo, hi = self.model.whitening.gamma_range if self.model.whitening else (0.5, 2.0)
         if not 0 < lo < hi:
             raise ConfigError(f"model.whitening.gamma_range must satisfy 0 < low < high, got {(lo, hi)}")
         unknown = set(self.train.lr_multipliers) - set(PARAMETER_GROUPS)
         if unknown:
-            raise ConfigError(f"train.lr_multipliers has unknown groups {sorted(unknown)}; known: {PARAMETER_GROUPS}")
+            raise ConfigError(
+                f"train.lr_multipliers has unknown groups {sorted(unknown)}; known: {PARAMETER_GROUPS}"
+            )
         if self.model.scale_context is not None and not self.model.backbone.name.startswith("wide_resnet"):
             # the scale context needs the raw multi-layer maps; every CNN backbone provides them
             if self.model.backbone.name.startswith("vit"):
@@ -286,7 +290,9 @@ def preset(name: str) -> MoleFlowConfig:
     try:
         return PRESETS[name]().validate()
     except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or give a YAML file") from None
+        raise ConfigError(
+            f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or give a YAML file"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -341,7 +347,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where} must have {len(args)} entries, got {value!r}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=False)))
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
@@ -389,7 +395,9 @@ def config_from_dict(data: Mapping[str, Any]) -> MoleFlowConfig:
     data = dict(data)
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        raise ConfigError(f"config schema_version {version} is not supported (this moleflow reads {SCHEMA_VERSION})")
+        raise ConfigError(
+            f"config schema_version {version} is not supported (this moleflow reads {SCHEMA_VERSION})"
+        )
     base = preset(str(data.get("preset", "offline")))
     merged = _deep_merge(to_dict(base), data)
     return from_dict(MoleFlowConfig, merged).validate()

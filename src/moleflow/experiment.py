@@ -83,7 +83,9 @@ class ContinualExperiment:
         self.device = resolve_device(cfg.device)
         self.extractor = FeatureExtractor(cfg.model.backbone).to(self.device)
         self.need_context = cfg.model.scale_context is not None
-        self.model = MoLEFlow(cfg.model, self.extractor.context_dim if self.need_context else None).to(self.device)
+        self.model = MoLEFlow(cfg.model, self.extractor.context_dim if self.need_context else None).to(
+            self.device
+        )
         self.router = Router(cfg.router)
         self.trainer = ContinualTrainer(self.model, self.router, cfg, self.device)
         self.eval_sets: dict[str, EvalSet] = {}
@@ -99,8 +101,14 @@ class ContinualExperiment:
 
     def extract(self, samples, desc: str) -> CachedFeatures:
         return extract_features(
-            self.extractor, samples, need_context=self.need_context, batch_size=self.cfg.train.batch_size,
-            num_workers=self.num_workers, device=self.device, progress=self.progress, desc=desc,
+            self.extractor,
+            samples,
+            need_context=self.need_context,
+            batch_size=self.cfg.train.batch_size,
+            num_workers=self.num_workers,
+            device=self.device,
+            progress=self.progress,
+            desc=desc,
         )
 
     def prepare_eval_set(self, task: TaskData) -> EvalSet:
@@ -114,8 +122,14 @@ class ContinualExperiment:
 
     def learn(self, task: TaskData) -> None:
         """Extract features, train, checkpoint, compute the task's decision threshold."""
-        log.info("task %d: %r (%d train / %d test images) from %s", len(self.model.tasks), task.name,
-                 len(task.train), len(task.test), task.source)
+        log.info(
+            "task %d: %r (%d train / %d test images) from %s",
+            len(self.model.tasks),
+            task.name,
+            len(task.train),
+            len(task.test),
+            task.source,
+        )
         start = time.perf_counter()
         train_feats = self.extract(task.train, f"features {task.name}/train")
         self.timing["feature_seconds"].append(time.perf_counter() - start)
@@ -138,8 +152,12 @@ class ContinualExperiment:
             chunk = feats[start : start + bs].to(self.device)
             idx = None if task_index is None else task_index[start : start + bs].to(self.device)
             parts.append(score_features(self.model, self.router, chunk, self.cfg.scoring, idx))
-        return ScoredBatch(*(torch.cat([getattr(p, f) for p in parts]).cpu()
-                             for f in ("task_index", "patch_scores", "image_scores")))
+        return ScoredBatch(
+            *(
+                torch.cat([getattr(p, f) for p in parts]).cpu()
+                for f in ("task_index", "patch_scores", "image_scores")
+            )
+        )
 
     def evaluate_task(self, eval_set: EvalSet, task_index: torch.Tensor | None) -> TaskScores:
         scored = self.score(eval_set.features, task_index)
@@ -165,10 +183,17 @@ class ContinualExperiment:
                 self.routed[m].record(row, j, routed.values[m])
                 self.oracle[m].record(row, j, oracle.values[m])
             self.final_scores[name] = routed
-            log.info("after %r: %r routed %s | oracle %s", self.model.tasks[-1], name,
-                     _fmt(routed.values), _fmt(oracle.values))
+            log.info(
+                "after %r: %r routed %s | oracle %s",
+                self.model.tasks[-1],
+                name,
+                _fmt(routed.values),
+                _fmt(oracle.values),
+            )
 
-    def run(self, tasks: list[TaskData], specs: list[str] | None = None, limits: tuple[int, int] | None = None) -> dict:
+    def run(
+        self, tasks: list[TaskData], specs: list[str] | None = None, limits: tuple[int, int] | None = None
+    ) -> dict:
         """Learn and evaluate ``tasks`` in order. ``specs``/``limits`` (how the tasks were resolved) are
         written to ``tasks.json`` so that ``moleflow eval`` can rebuild the same test sets."""
         names = [t.name for t in tasks]
@@ -177,7 +202,7 @@ class ContinualExperiment:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(dump_yaml(self.cfg), self.run_dir / "config.yaml")
         specs = specs or [None] * len(tasks)
-        entries = [{"name": t.name, "spec": spec, "source": t.source} for t, spec in zip(tasks, specs)]
+        entries = [{"name": t.name, "spec": spec, "source": t.source} for t, spec in zip(tasks, specs, strict=False)]
         write_json_atomic({"tasks": entries, "limits": limits}, self.run_dir / "tasks.json")
         for task in tasks:
             self.learn(task)
@@ -219,7 +244,9 @@ class ContinualExperiment:
                 "per_task": [counts["per_task"][t] for t in self.model.tasks],
             },
             "environment": {
-                "device": str(self.device) if self.device.type != "cpu" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+                "device": str(self.device)
+                if self.device.type != "cpu"
+                else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                 "torch": torch.__version__,
                 "moleflow": __version__,
                 "preset": self.cfg.preset,

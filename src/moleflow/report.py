@@ -26,8 +26,12 @@ from moleflow.visualize import (
 __all__ = ["METRICS", "TaskExamples", "format_summary_table", "pct", "write_report"]
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
-METRIC_TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "pixel_ap": "Pixel AP",
-                 "aupro": "AUPRO"}
+METRIC_TITLES = {
+    "image_auroc": "Image AUROC",
+    "pixel_auroc": "Pixel AUROC",
+    "pixel_ap": "Pixel AP",
+    "aupro": "AUPRO",
+}
 NULL = "–"
 
 
@@ -58,8 +62,10 @@ class TaskExamples:
                 f"{n}, {len(self.maps)}, {len(self.masks)}, {len(self.labels)}"
             )
         if np.shape(self.scores) != np.shape(self.all_labels):
-            raise ValueError(f"task {self.task!r}: scores {np.shape(self.scores)} and all_labels "
-                             f"{np.shape(self.all_labels)} differ in shape")
+            raise ValueError(
+                f"task {self.task!r}: scores {np.shape(self.scores)} and all_labels "
+                f"{np.shape(self.all_labels)} differ in shape"
+            )
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -111,8 +117,9 @@ def _summary_section(results: dict) -> list[str]:
     columns = [(routed, m, _title(m)) for m in names if m in routed]
     if oracle:
         columns += [(oracle, m, f"{_title(m)} (oracle)") for m in names if m in oracle]
-    rows = [[t] + [pct(_at((sec[m] or {}).get("final"), j)) for sec, m, _ in columns]
-            for j, t in enumerate(tasks)]
+    rows = [
+        [t] + [pct(_at((sec[m] or {}).get("final"), j)) for sec, m, _ in columns] for j, t in enumerate(tasks)
+    ]
     rows.append(["**mean**"] + [pct((sec[m] or {}).get("final_mean")) for sec, m, _ in columns])
     note = "After the last task; routed: the router picks each test image's task"
     note += "; oracle: the true task is given." if oracle else "."
@@ -124,10 +131,16 @@ def _matrix_section(section: dict | None, tasks: list[str], label: str) -> list[
     matrix = (section or {}).get("matrix")
     if not matrix:
         return []
-    rows = [[f"after {tasks[i] if i < len(tasks) else i}"] + [pct(_at(row, j)) for j in range(len(tasks))]
-            for i, row in enumerate(matrix)]
-    lines = [f"## Accuracy matrix: image AUROC, {label} (%)", "",
-             "Row i: after training task i; column j: evaluated on task j.", ""]
+    rows = [
+        [f"after {tasks[i] if i < len(tasks) else i}"] + [pct(_at(row, j)) for j in range(len(tasks))]
+        for i, row in enumerate(matrix)
+    ]
+    lines = [
+        f"## Accuracy matrix: image AUROC, {label} (%)",
+        "",
+        "Row i: after training task i; column j: evaluated on task j.",
+        "",
+    ]
     return lines + _md_table(["", *tasks], rows)
 
 
@@ -137,11 +150,17 @@ def _forgetting_section(results: dict) -> list[str]:
     if not names:
         return []
     header = ["Metric", "Routed"] + (["Oracle"] if oracle else [])
-    rows = [[_title(m), pct((routed.get(m) or {}).get("forgetting"))]
-            + ([pct((oracle.get(m) or {}).get("forgetting"))] if oracle else []) for m in names]
-    lines = ["## Forgetting (percentage points)", "",
-             "Mean over earlier tasks of (best value before the last task - final value); positive = worse.",
-             ""]
+    rows = [
+        [_title(m), pct((routed.get(m) or {}).get("forgetting"))]
+        + ([pct((oracle.get(m) or {}).get("forgetting"))] if oracle else [])
+        for m in names
+    ]
+    lines = [
+        "## Forgetting (percentage points)",
+        "",
+        "Mean over earlier tasks of (best value before the last task - final value); positive = worse.",
+        "",
+    ]
     return lines + _md_table(header, rows)
 
 
@@ -154,8 +173,10 @@ def _routing_section(results: dict, figure: str | None) -> list[str]:
     confusion = routing.get("confusion")
     if confusion:
         lines += ["Confusion (rows: true task, columns: routed to):", ""]
-        rows = [[tasks[i] if i < len(tasks) else str(i)] + [_num(v, "{:g}") for v in row]
-                for i, row in enumerate(confusion)]
+        rows = [
+            [tasks[i] if i < len(tasks) else str(i)] + [_num(v, "{:g}") for v in row]
+            for i, row in enumerate(confusion)
+        ]
         lines += _md_table(["true \\ routed", *tasks[: len(confusion[0])]], rows)
     if figure:
         lines += [f"![routing confusion]({figure})", ""]
@@ -166,8 +187,10 @@ def _timing_section(results: dict) -> list[str]:
     timing = results.get("timing")
     if not timing:
         return []
-    rows = [[t, _num(_at(timing.get("feature_seconds"), j)), _num(_at(timing.get("train_seconds"), j))]
-            for j, t in enumerate(results["tasks"])]
+    rows = [
+        [t, _num(_at(timing.get("feature_seconds"), j)), _num(_at(timing.get("train_seconds"), j))]
+        for j, t in enumerate(results["tasks"])
+    ]
     lines = ["## Timing", ""] + _md_table(["Task", "Features (s)", "Training (s)"], rows)
     return lines + [f"Inference: {_num(timing.get('inference_ms_per_image'), '{:.2f}')} ms per image", ""]
 
@@ -176,8 +199,13 @@ def _params_section(results: dict) -> list[str]:
     params = results.get("params")
     if not params:
         return []
-    lines = ["## Parameters", "", f"- Backbone (frozen): {_count(params.get('backbone'))}",
-             f"- Shared base: {_count(params.get('base'))}", ""]
+    lines = [
+        "## Parameters",
+        "",
+        f"- Backbone (frozen): {_count(params.get('backbone'))}",
+        f"- Shared base: {_count(params.get('base'))}",
+        "",
+    ]
     per_task = params.get("per_task") or []
     rows = [[t, _count(_at(per_task, j))] for j, t in enumerate(results["tasks"])]
     return lines + _md_table(["Task", "Task-specific parameters"], rows)
@@ -199,8 +227,15 @@ def _confusion_figure(results: dict, path: Path) -> bool:
     share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)  # colour: row fraction
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     for (i, j), value in np.ndenumerate(counts):
-        ax.text(j, i, f"{value:g}", ha="center", va="center", fontsize=7,
-                color="white" if share[i, j] > 0.5 else "black")
+        ax.text(
+            j,
+            i,
+            f"{value:g}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if share[i, j] > 0.5 else "black",
+        )
     labels = [tasks[i] if i < len(tasks) else str(i) for i in range(max(counts.shape))]
     ax.set_xticks(range(counts.shape[1]), labels[: counts.shape[1]], rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(n), labels[:n], fontsize=7)
@@ -300,10 +335,17 @@ def write_report(run_dir: Path, results: dict, examples: dict[str, TaskExamples]
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(results["tasks"])
-    confusion_fig = "figures/routing_confusion.png" if _confusion_figure(
-        results, fig_dir / "routing_confusion.png") else None
-    lines = [f"# MoLE-Flow run report: {run_dir.name}", "",
-             f"Tasks, in training order: {', '.join(tasks)}", ""]
+    confusion_fig = (
+        "figures/routing_confusion.png"
+        if _confusion_figure(results, fig_dir / "routing_confusion.png")
+        else None
+    )
+    lines = [
+        f"# MoLE-Flow run report: {run_dir.name}",
+        "",
+        f"Tasks, in training order: {', '.join(tasks)}",
+        "",
+    ]
     env = results.get("environment")
     if env:
         lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
@@ -323,12 +365,21 @@ def write_report(run_dir: Path, results: dict, examples: dict[str, TaskExamples]
 def format_summary_table(results: dict) -> str:
     """Fixed-width plain-text table of final per-task metrics (%), a mean row and the routing accuracy."""
     routed, oracle = results.get("metrics") or {}, results.get("metrics_oracle") or {}
-    columns = [(routed, m, head) for m, head in (("image_auroc", "img AUROC"), ("pixel_auroc", "pix AUROC"),
-                                                  ("pixel_ap", "pix AP"), ("aupro", "AUPRO"))]
+    columns = [
+        (routed, m, head)
+        for m, head in (
+            ("image_auroc", "img AUROC"),
+            ("pixel_auroc", "pix AUROC"),
+            ("pixel_ap", "pix AP"),
+            ("aupro", "AUPRO"),
+        )
+    ]
     columns.append((oracle, "image_auroc", "oracle img"))
     tasks = list(results["tasks"])
-    rows = [[t] + [pct(_at((sec.get(m) or {}).get("final"), j)) for sec, m, _ in columns]
-            for j, t in enumerate(tasks)]
+    rows = [
+        [t] + [pct(_at((sec.get(m) or {}).get("final"), j)) for sec, m, _ in columns]
+        for j, t in enumerate(tasks)
+    ]
     rows.append(["mean"] + [pct((sec.get(m) or {}).get("final_mean")) for sec, m, _ in columns])
     header = ["task"] + [head for _, _, head in columns]
     first = max(len(r[0]) for r in [header, *rows])

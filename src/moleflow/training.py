@@ -47,15 +47,24 @@ def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: TrainConfi
         from adamp import AdamP
 
         return AdamP(
-            param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-            delta=cfg.adamp_delta, wd_ratio=cfg.adamp_wd_ratio,
+            param_groups,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            delta=cfg.adamp_delta,
+            wd_ratio=cfg.adamp_wd_ratio,
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamp' or 'adamw'")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule: ``lr(e) = lr0 * 0.5 * (1 + cos(pi * e / E))`` (cosine) or constant."""
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
@@ -77,7 +86,9 @@ def routing_features(model: MoLEFlow, batch: CachedFeatures, feature: str) -> to
 
 
 class ContinualTrainer:
-    def __init__(self, model: MoLEFlow, router: Router, cfg: MoleFlowConfig, device: torch.device | str = "cpu"):
+    def __init__(
+        self, model: MoLEFlow, router: Router, cfg: MoleFlowConfig, device: torch.device | str = "cpu"
+    ):
         self.model, self.router, self.cfg = model, router, cfg
         self.device = torch.device(device)
 
@@ -91,7 +102,11 @@ class ContinualTrainer:
         if lcfg.logdet_weight:
             loss = loss + lcfg.logdet_weight * logdet_penalty(out.logdet)
         wcfg = model.cfg.whitening
-        if wcfg is not None and wcfg.identity_reg_weight and (wcfg.identity_reg_tasks == "all" or task == model.tasks[0]):
+        if (
+            wcfg is not None
+            and wcfg.identity_reg_weight
+            and (wcfg.identity_reg_tasks == "all" or task == model.tasks[0])
+        ):
             loss = loss + wcfg.identity_reg_weight * model.whitening[task].identity_penalty()
         return loss, parts
 
@@ -110,8 +125,13 @@ class ContinualTrainer:
         scheduler = build_scheduler(optimizer, tcfg)
         report.trainable_parameters = sum(p.numel() for p in trainable)
         generator = torch.Generator().manual_seed(tcfg.seed + 7919 * len(self.model.tasks))
-        log.info("learning task %r (%d images, %d trainable parameters, base %s)", task, len(features),
-                 report.trainable_parameters, "trained" if train_base else "frozen")
+        log.info(
+            "learning task %r (%d images, %d trainable parameters, base %s)",
+            task,
+            len(features),
+            report.trainable_parameters,
+            "trained" if train_base else "frozen",
+        )
         self.model.train()
         bar = tqdm(range(tcfg.epochs), desc=f"train {task}", disable=not progress, leave=False)
         for epoch in bar:
@@ -136,8 +156,12 @@ class ContinualTrainer:
         self.model.eval()
         self.add_prototype(task, features)
         report.seconds = time.perf_counter() - start
-        log.info("task %r learned in %.1fs, final loss %.4f", task, report.seconds,
-                 report.epoch_losses[-1] if report.epoch_losses else math.nan)
+        log.info(
+            "task %r learned in %.1fs, final loss %.4f",
+            task,
+            report.seconds,
+            report.epoch_losses[-1] if report.epoch_losses else math.nan,
+        )
         return report
 
     @torch.no_grad()

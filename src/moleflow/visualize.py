@@ -19,8 +19,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-__all__ = ["atomic_write", "draw_mask_contour", "new_figure", "overlay_heatmap", "resize_map", "save_figure",
-           "save_png", "save_prediction_figure"]
+__all__ = [
+    "atomic_write",
+    "draw_mask_contour",
+    "new_figure",
+    "overlay_heatmap",
+    "resize_map",
+    "save_figure",
+    "save_png",
+    "save_prediction_figure",
+]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
@@ -56,8 +64,9 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def overlay_heatmap(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
-                    alpha: float = 0.5) -> np.ndarray:
+def overlay_heatmap(
+    image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
+) -> np.ndarray:
     """Blend the jet-coloured map over ``image``.
 
     ``image``: uint8 ``(H, W, 3)``; ``amap``: float ``(h, w)``, resized bilinearly to ``(H, W)`` when it
@@ -104,8 +113,15 @@ def draw_mask_contour(ax: Axes, image: np.ndarray, mask: np.ndarray) -> None:
         ax.contour(mask > 0.5, levels=[0.5], colors="red", linewidths=1.0)
 
 
-def save_prediction_figure(image: np.ndarray, amap: np.ndarray, path: str | os.PathLike[str], title: str,
-                           vmin: float, vmax: float, mask: np.ndarray | None = None) -> Path:
+def save_prediction_figure(
+    image: np.ndarray,
+    amap: np.ndarray,
+    path: str | os.PathLike[str],
+    title: str,
+    vmin: float,
+    vmax: float,
+    mask: np.ndarray | None = None,
+) -> Path:
     """Panels image | heatmap overlay (| ground-truth mask contour), with ``title`` above; atomic PNG."""
     image = _check_image(image)
     panels = 3 if mask is not None else 2

@@ -129,7 +129,9 @@ class MoLEFlow(nn.Module):
     def positional(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
         key = (height, width, like.device, like.dtype)
         if key not in self._pe_cache:
-            self._pe_cache[key] = positional_encoding_2d(height, width, self.dim, device=like.device, dtype=like.dtype)
+            self._pe_cache[key] = positional_encoding_2d(
+                height, width, self.dim, device=like.device, dtype=like.dtype
+            )
         return self._pe_cache[key]
 
     def prepare(self, patches: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,7 +260,7 @@ class MoLEFlow(nn.Module):
 def _task_of(name: str) -> str | None:
     """The task owning state key ``name``, or ``None`` for base tensors."""
     parts = name.split(".")
-    for container, key in zip(parts, parts[1:]):
+    for container, key in zip(parts, parts[1:], strict=False):
         if container in TASK_CONTAINERS:
             return key
     return None

@@ -1,0 +1,136 @@
+"""Benchmark: the offline preset learning hazelnut_toy -> mpdd_metal_plate -> elpv mono -> elpv poly,
+next to a non-continual PatchCore baseline on the same backbone features (task id given).
+
+    python benchmarks/continual_offline.py --out runs/bench_offline [--shared ../shared] [--set k=v ...]
+
+Writes the run directory of the continual run plus ``baseline.json`` and ``benchmark.md`` (the
+tables quoted in docs/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moleflow.baselines.patchcore import PatchCoreScorer
+from moleflow.config import apply_overrides, preset
+from moleflow.data import resolve_task
+from moleflow.evaluation import metrics as M
+from moleflow.experiment import ContinualExperiment, write_json_atomic
+from moleflow.report import format_summary_table, pct, write_report
+from moleflow.scoring import anomaly_maps
+
+log = logging.getLogger("benchmark")
+
+
+def task_specs(shared: Path) -> list[str]:
+    return [
+        f"hazelnut={shared / 'datasets/hazelnut_toy/hazelnut'}",
+        f"mpdd_metal_plate={shared / 'datasets/mpdd_metal_plate/metal_plate'}",
+        "elpv_mono=elpv:mono",
+        "elpv_poly=elpv:poly",
+    ]
+
+
+def patchcore_baseline(exp: ContinualExperiment, tasks, coreset_ratio: float) -> dict:
+    out = {}
+    size = exp.eval_size
+    for task in tasks:
+        start = time.perf_counter()
+        train = exp.extract(task.train, f"baseline features {task.name}")
+        scorer = PatchCoreScorer(coreset_ratio=coreset_ratio).fit(train.patches)
+        es = exp.eval_sets[task.name]
+        patch = scorer.score(es.features.patches)
+        values = {"image_auroc": M.image_auroc(scorer.image_scores(es.features.patches).numpy(), es.labels)}
+        if es.masks is not None:
+            maps = anomaly_maps(patch, (size, size), exp.cfg.scoring.smoothing_sigma).numpy()
+            values.update(
+                pixel_auroc=M.pixel_auroc(maps, es.masks),
+                pixel_ap=M.pixel_ap(maps, es.masks),
+                aupro=M.aupro(maps, es.masks),
+            )
+        values["seconds"] = time.perf_counter() - start
+        out[task.name] = {
+            k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in values.items()
+        }
+        log.info("patchcore %s: %s", task.name, out[task.name])
+    return out
+
+
+def markdown(results: dict, baseline: dict, command: str) -> str:
+    metrics = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Environment: {results['environment']}",
+        "",
+        "| task | " + " | ".join(f"{m} routed | {m} oracle | {m} PatchCore" for m in metrics) + " |",
+        "|---|" + "---|---|---|" * len(metrics),
+    ]
+    for j, task in enumerate(results["tasks"]):
+        cells = []
+        for m in metrics:
+            cells += [
+                pct(results["metrics"][m]["final"][j]),
+                pct(results["metrics_oracle"][m]["final"][j]),
+                pct(baseline[task].get(m)),
+            ]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| metric | final mean routed | forgetting routed | final mean oracle |",
+        "|---|---|---|---|",
+    ]
+    for m in metrics:
+        r, o = results["metrics"][m], results["metrics_oracle"][m]
+        lines.append(f"| {m} | {pct(r['final_mean'])} | {pct(r['forgetting'])} | {pct(o['final_mean'])} |")
+    t = results["timing"]
+    lines += [
+        "",
+        f"Routing accuracy: {pct(results['routing']['accuracy'])} %, confusion {results['routing']['confusion']}",
+        "",
+        "| task | feature s | train s | PatchCore s |",
+        "|---|---|---|---|",
+    ]
+    for j, task in enumerate(results["tasks"]):
+        lines.append(
+            f"| {task} | {t['feature_seconds'][j]:.1f} | {t['train_seconds'][j]:.1f} | "
+            f"{baseline[task]['seconds']:.1f} |"
+        )
+    lines.append(f"\nInference (extraction + routing + scoring): {t['inference_ms_per_image']:.1f} ms/image")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="runs/bench_offline")
+    p.add_argument("--shared", default="../shared")
+    p.add_argument("--coreset", type=float, default=0.05)
+    p.add_argument("--set", action="append", default=[])
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = apply_overrides(preset("offline"), args.set)
+    specs = task_specs(Path(args.shared))
+    tasks = [resolve_task(s) for s in specs]
+    out = Path(args.out)
+    exp = ContinualExperiment(cfg, out, progress=False)
+    results = exp.run(tasks, specs)
+    from moleflow.cli import _examples
+
+    write_report(out, results, _examples(exp))
+    baseline = patchcore_baseline(exp, tasks, args.coreset)
+    write_json_atomic(baseline, out / "baseline.json")
+    command = "python benchmarks/continual_offline.py " + " ".join(
+        [f"--out {args.out}", f"--coreset {args.coreset}"] + [f"--set {s}" for s in args.set]
+    )
+    (out / "benchmark.md").write_text(markdown(results, baseline, command))
+    print(format_summary_table(results))
+    print((out / "benchmark.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
