@@ -62,7 +62,7 @@ def _train(
     tasks = _tasks(specs, data_root, limits)
     exp = ContinualExperiment(cfg, out, progress=progress, num_workers=workers)
     start = time.perf_counter()
-    results = exp.run(tasks, specs, limits)
+    results = exp.run(tasks, specs, limits, data_root)
     write_report(out, results, _examples(exp))
     print(format_summary_table(results))
     print(f"\nrun directory: {out}  ({time.perf_counter() - start:.0f} s)  report: {out / 'report.md'}")
@@ -158,9 +158,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
     )
     limits = tuple(recorded["limits"]) if recorded.get("limits") else None
-    tasks = _tasks(
-        [spec if "=" in spec else f"{name}={spec}" for name, spec in specs.items()], args.data, limits
-    )
+    if None in specs.values():
+        raise ValueError(f"{run_dir / 'tasks.json'} records no task specs (run made from Python?); cannot rebuild tests")
+    tasks = _tasks(list(specs.values()), args.data or recorded.get("data_root"), limits)
     for task in tasks:
         exp.eval_sets[task.name] = exp.prepare_eval_set(task)
     # earlier rows of the accuracy matrices cannot be recomputed (those states are gone): keep them

@@ -192,7 +192,11 @@ class ContinualExperiment:
             )
 
     def run(
-        self, tasks: list[TaskData], specs: list[str] | None = None, limits: tuple[int, int] | None = None
+        self,
+        tasks: list[TaskData],
+        specs: list[str] | None = None,
+        limits: tuple[int, int] | None = None,
+        data_root: str | None = None,
     ) -> dict:
         """Learn and evaluate ``tasks`` in order. ``specs``/``limits`` (how the tasks were resolved) are
         written to ``tasks.json`` so that ``moleflow eval`` can rebuild the same test sets."""
@@ -203,7 +207,8 @@ class ContinualExperiment:
         write_text_atomic(dump_yaml(self.cfg), self.run_dir / "config.yaml")
         specs = specs or [None] * len(tasks)
         entries = [{"name": t.name, "spec": spec, "source": t.source} for t, spec in zip(tasks, specs, strict=False)]
-        write_json_atomic({"tasks": entries, "limits": limits}, self.run_dir / "tasks.json")
+        root = str(Path(data_root).resolve()) if data_root else None
+        write_json_atomic({"tasks": entries, "limits": limits, "data_root": root}, self.run_dir / "tasks.json")
         for task in tasks:
             self.learn(task)
             self.eval_sets[task.name] = self.prepare_eval_set(task)
