@@ -30,3 +30,24 @@ def task_features(
     patches = torch.randn(n, grid, grid, dim, generator=g) + shift
     context = None if context_dim is None else torch.randn(n, grid, grid, context_dim, generator=g)
     return CachedFeatures(patches, context, patches.mean(dim=(1, 2)) + 0.1 * torch.randn(n, dim, generator=g))
+
+
+def small_model_cfg(name: str, dim: int = 8, layers: int = 3, rank: int = 4, extra: tuple[str, ...] = ()):
+    """A preset's model section shrunk for exact float64 math tests (scale = alpha/rank kept moderate)."""
+    alpha = 1 if name == "v5" else rank
+    overrides = [
+        f"model.backbone.embed_dim={dim}",
+        f"model.flow.coupling_layers={layers}",
+        f"model.flow.lora.rank={rank}",
+        f"model.flow.lora.alpha={alpha}",
+        *extra,
+    ]
+    return apply_overrides(preset(name), overrides).model
+
+
+@torch.no_grad()
+def perturb(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
+    """Add noise to every parameter (zero-initialised LoRA B, DIA outputs too): maps become non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))

@@ -139,9 +139,7 @@ def test_bad_cnn_layers(layers: list[str], match: str) -> None:
         create_backbone("efficientnet_lite2", layers, 224, pretrained=False)
 
 
-@pytest.mark.parametrize(
-    ("name", "layers"), [(VIT, [1, 3, 5, 11]), ("wide_resnet50_2", ["layer2", "layer3"])]
-)
+@pytest.mark.parametrize(("name", "layers"), [(VIT, [1, 3, 5, 11]), ("wide_resnet50_2", ["layer2", "layer3"])])
 def test_hub_backbone_offline_fails_fast(
     name: str, layers: list, no_hub_cache: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

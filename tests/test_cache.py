@@ -58,9 +58,7 @@ def test_extraction_equals_direct_extractor(
     cached: CachedFeatures, extractor: FeatureExtractor, samples: list[FakeSample]
 ) -> None:
     direct = extractor.extract([s.load_image() for s in samples])
-    assert (
-        len(cached) == 5 and cached.patches.shape == (5, 14, 14, 152) and cached.patches.device.type == "cpu"
-    )
+    assert len(cached) == 5 and cached.patches.shape == (5, 14, 14, 152) and cached.patches.device.type == "cpu"
     torch.testing.assert_close(cached.patches, direct.patches)
     torch.testing.assert_close(cached.context, direct.context)
     torch.testing.assert_close(cached.pooled, direct.pooled)
@@ -68,9 +66,7 @@ def test_extraction_equals_direct_extractor(
 
 
 def test_without_context_in_float16(extractor: FeatureExtractor, samples: list[FakeSample]) -> None:
-    half = extract_features(
-        extractor, samples[:3], batch_size=4, need_context=False, progress=False, dtype=torch.float16
-    )
+    half = extract_features(extractor, samples[:3], batch_size=4, need_context=False, progress=False, dtype=torch.float16)
     assert half.context is None and half.patches.dtype == torch.float16 and half.pooled.dtype == torch.float32
     assert half.to().patches.dtype == torch.float32
 
@@ -102,8 +98,7 @@ def test_indexing_and_batches(cached: CachedFeatures) -> None:
     assert torch.equal(torch.cat([b.patches for b in ordered]), cached.patches)
     assert [len(b) for b in cached.batches(2, drop_last=True)] == [2, 2]
     runs = [
-        [b.pooled for b in cached.batches(2, shuffle=True, generator=torch.Generator().manual_seed(3))]
-        for _ in range(2)
+        [b.pooled for b in cached.batches(2, shuffle=True, generator=torch.Generator().manual_seed(3))] for _ in range(2)
     ]
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))  # reproducible
     shuffled = torch.cat(runs[0])

@@ -10,18 +10,35 @@ from moleflow.cli import main
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    code = main([
-        "train", "offline", "--tasks", "stripes=synthetic:stripes,disc=synthetic:disc", "--out", str(out),
-        "--no-progress", "--set", "train.epochs=2", "--set", "model.flow.coupling_layers=2",
-    ])
+    code = main(
+        [
+            "train",
+            "offline",
+            "--tasks",
+            "stripes=synthetic:stripes,disc=synthetic:disc",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "model.flow.coupling_layers=2",
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_train_writes_the_run_directory_contract(run_dir):
-    for rel in ("config.yaml", "results.json", "report.md", "checkpoints/base.safetensors",
-                "checkpoints/router.safetensors", "checkpoints/tasks/stripes.safetensors",
-                "checkpoints/tasks/disc.safetensors"):
+    for rel in (
+        "config.yaml",
+        "results.json",
+        "report.md",
+        "checkpoints/base.safetensors",
+        "checkpoints/router.safetensors",
+        "checkpoints/tasks/stripes.safetensors",
+        "checkpoints/tasks/disc.safetensors",
+    ):
         assert (run_dir / rel).is_file(), rel
     results = json.loads((run_dir / "results.json").read_text())
     assert results["tasks"] == ["stripes", "disc"]
@@ -62,7 +79,8 @@ def test_predict_routes_and_writes_heatmaps(run_dir, tmp_path, capsys):
 def test_bad_input_gives_a_clear_error(tmp_path, capsys):
     assert main(["train", "offline", "--tasks", f"x={tmp_path}", "--out", str(tmp_path / "o")]) == 2
     assert "train/good" in capsys.readouterr().err
-    assert main(["train", "offline", "--tasks", "synthetic:stripes", "--out", str(tmp_path / "o"),
-                 "--set", "train.lrr=1"]) == 2
+    assert (
+        main(["train", "offline", "--tasks", "synthetic:stripes", "--out", str(tmp_path / "o"), "--set", "train.lrr=1"]) == 2
+    )
     assert "unknown key" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nope"), "x.png"]) == 2

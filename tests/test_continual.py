@@ -26,16 +26,12 @@ def test_zero_forgetting_bit_for_bit(preset_name):
     base_before = {k: v.clone() for k, v in model.base_state_dict().items()}
     with torch.no_grad():
         before = model(f0.patches, "t0", f0.context)
-        scores_before = score_features(
-            model, trainer.router, f0, cfg.scoring, torch.zeros(len(f0), dtype=torch.long)
-        )
+        scores_before = score_features(model, trainer.router, f0, cfg.scoring, torch.zeros(len(f0), dtype=torch.long))
     for i, name in enumerate(["t1", "t2"], start=1):
         trainer.learn_task(name, task_features(3.0 * i, seed=i + 1, context_dim=ctx), progress=False)
     with torch.no_grad():
         after = model(f0.patches, "t0", f0.context)
-        scores_after = score_features(
-            model, trainer.router, f0, cfg.scoring, torch.zeros(len(f0), dtype=torch.long)
-        )
+        scores_after = score_features(model, trainer.router, f0, cfg.scoring, torch.zeros(len(f0), dtype=torch.long))
     for k, v in model.base_state_dict().items():
         assert torch.equal(v, base_before[k]), k
     assert torch.equal(after.z, before.z)

@@ -111,9 +111,7 @@ def test_preprocess_rejects_bad_images(bad: np.ndarray, lite2: FeatureExtractor)
         lite2.preprocess([bad])
 
 
-@pytest.mark.parametrize(
-    "shape", [(2, 3, 200, 200), (3, 224, 224), (2, 1, 224, 224), (2, 224, 224, 3)], ids=str
-)
+@pytest.mark.parametrize("shape", [(2, 3, 200, 200), (3, 224, 224), (2, 1, 224, 224), (2, 224, 224, 3)], ids=str)
 def test_forward_rejects_wrong_shapes(shape: tuple[int, ...], lite2: FeatureExtractor) -> None:
     with pytest.raises(ValueError, match=r"\(B, 3, 224, 224\)"):
         lite2(torch.zeros(shape))
@@ -134,9 +132,7 @@ def test_frozen(lite0: FeatureExtractor) -> None:
 
 
 def test_embed_dim_wider_than_layers_is_rejected() -> None:
-    cfg = BackboneConfig(
-        name="efficientnet_lite0", layers=("blocks.2", "blocks.4"), embed_dim=200, pretrained=False
-    )
+    cfg = BackboneConfig(name="efficientnet_lite0", layers=("blocks.2", "blocks.4"), embed_dim=200, pretrained=False)
     with pytest.raises(ValueError, match=r"embed_dim must lie in \[1, 152\]"):
         FeatureExtractor(cfg)
 

@@ -9,46 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moleflow.config import apply_overrides, preset
 from moleflow.flow.coupling import AllInOneCoupling, CouplingFlow, random_permutation
 from moleflow.flow.dia import DeepInvertibleAdapter, DIACoupling
 from moleflow.flow.lora import LoRALinear
 from moleflow.flow.model import MoLEFlow
 from moleflow.flow.subnets import subnet_factory
+from tests.helpers import perturb, small_model_cfg
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 B, H, W = 2, 3, 4
 CTX = 6
 TASKS = ("t0", "t1")
 PRESETS = ("v5", "paper", "offline")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny float64 depthwise convolutions are ~100x slower with intra-op threads on CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_cfg(name: str, dim: int = 8, layers: int = 3, extra: tuple[str, ...] = ()):
-    alpha = 1 if name == "v5" else 4  # keep scale = alpha / rank moderate
-    overrides = [
-        f"model.backbone.embed_dim={dim}",
-        f"model.flow.coupling_layers={layers}",
-        "model.flow.lora.rank=4",
-        f"model.flow.lora.alpha={alpha}",
-        *extra,
-    ]
-    return apply_overrides(preset(name), overrides).model
-
-
-@torch.no_grad()
-def perturb(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def add_task_to_loras(module: torch.nn.Module, task: str) -> None:
@@ -59,10 +33,8 @@ def add_task_to_loras(module: torch.nn.Module, task: str) -> None:
 
 def build_coupling(subnet: str, dim: int, seed: int = 0) -> AllInOneCoupling:
     torch.manual_seed(seed)
-    fcfg = small_cfg("v5", extra=(f"model.flow.subnet={subnet}",)).flow
-    block = AllInOneCoupling(
-        dim, subnet_factory(fcfg), clamp=fcfg.clamp, permutation=random_permutation(dim, seed + 3)
-    )
+    fcfg = small_model_cfg("v5", extra=(f"model.flow.subnet={subnet}",)).flow
+    block = AllInOneCoupling(dim, subnet_factory(fcfg), clamp=fcfg.clamp, permutation=random_permutation(dim, seed + 3))
     add_task_to_loras(block, "t")
     block.double()
     perturb(block, seed=seed + 1)
@@ -71,7 +43,7 @@ def build_coupling(subnet: str, dim: int, seed: int = 0) -> AllInOneCoupling:
 
 def build_model(name: str, tasks=TASKS, seed: int = 0) -> MoLEFlow:
     torch.manual_seed(seed)
-    cfg = small_cfg(name)
+    cfg = small_model_cfg(name)
     model = MoLEFlow(cfg, context_dim=CTX if cfg.scale_context is not None else None)
     for t in tasks:
         model.add_task(t)
@@ -127,7 +99,7 @@ def test_all_in_one_coupling_roundtrip(subnet: str, dim: int, task) -> None:
 
 
 def test_coupling_rejects_non_permutation() -> None:
-    fcfg = small_cfg("v5").flow
+    fcfg = small_model_cfg("v5").flow
     with pytest.raises(ValueError):
         AllInOneCoupling(4, subnet_factory(fcfg), clamp=1.9, permutation=torch.tensor([0, 0, 1, 2]))
 
@@ -153,7 +125,7 @@ def test_dia_coupling_roundtrip(dim: int, passive_first: bool) -> None:
 @pytest.mark.parametrize("dim", [8, 12])
 def test_deep_invertible_adapter_roundtrip(dim: int) -> None:
     torch.manual_seed(0)
-    dia_cfg = small_cfg("v5", dim=dim).dia
+    dia_cfg = small_model_cfg("v5", dim=dim).dia
     dia = DeepInvertibleAdapter(dim, dia_cfg).double()
     assert len(dia.blocks) == dia_cfg.blocks
     perturb(dia, std=0.3)
@@ -166,7 +138,7 @@ def test_deep_invertible_adapter_roundtrip(dim: int) -> None:
 
 def test_deep_invertible_adapter_rejects_odd_dim() -> None:
     with pytest.raises(ValueError):
-        DeepInvertibleAdapter(7, small_cfg("v5").dia)
+        DeepInvertibleAdapter(7, small_model_cfg("v5").dia)
 
 
 @pytest.mark.parametrize("subnet", ["mlp", "context"])
@@ -225,7 +197,7 @@ def test_moleflow_roundtrip(name: str) -> None:
 
 
 def test_paper_model_requires_context() -> None:
-    cfg = small_cfg("paper")
+    cfg = small_model_cfg("paper")
     with pytest.raises(ValueError):
         MoLEFlow(cfg)
     model = build_model("paper")

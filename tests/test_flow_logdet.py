@@ -12,52 +12,24 @@ import torch
 from torch import nn
 from torch.autograd.functional import jacobian
 
-from moleflow.config import apply_overrides, preset
 from moleflow.flow.coupling import AllInOneCoupling, random_permutation
 from moleflow.flow.dia import DeepInvertibleAdapter, DIACoupling
 from moleflow.flow.lora import LoRALinear
 from moleflow.flow.model import MoLEFlow
 from moleflow.flow.subnets import subnet_factory
+from tests.helpers import perturb, small_model_cfg
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 CTX = 6
 TASKS = ("t0", "t1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny float64 depthwise convolutions are ~100x slower with intra-op threads on CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_cfg(name: str, dim: int = 8, layers: int = 3, extra: tuple[str, ...] = ()):
-    alpha = 1 if name == "v5" else 4
-    overrides = [
-        f"model.backbone.embed_dim={dim}",
-        f"model.flow.coupling_layers={layers}",
-        "model.flow.lora.rank=4",
-        f"model.flow.lora.alpha={alpha}",
-        *extra,
-    ]
-    return apply_overrides(preset(name), overrides).model
-
-
-@torch.no_grad()
-def perturb(module: nn.Module, std: float = 0.1, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-
-
 def build_coupling(subnet: str, dim: int, seed: int = 0) -> AllInOneCoupling:
     torch.manual_seed(seed)
-    fcfg = small_cfg("v5", extra=(f"model.flow.subnet={subnet}",)).flow
-    block = AllInOneCoupling(
-        dim, subnet_factory(fcfg), clamp=fcfg.clamp, permutation=random_permutation(dim, seed + 3)
-    )
+    fcfg = small_model_cfg("v5", extra=(f"model.flow.subnet={subnet}",)).flow
+    block = AllInOneCoupling(dim, subnet_factory(fcfg), clamp=fcfg.clamp, permutation=random_permutation(dim, seed + 3))
     for m in block.modules():
         if isinstance(m, LoRALinear):
             m.add_task("t")
@@ -68,7 +40,7 @@ def build_coupling(subnet: str, dim: int, seed: int = 0) -> AllInOneCoupling:
 
 def build_model(name: str, seed: int = 0) -> MoLEFlow:
     torch.manual_seed(seed)
-    cfg = small_cfg(name)
+    cfg = small_model_cfg(name)
     model = MoLEFlow(cfg, context_dim=CTX if cfg.scale_context is not None else None)
     for t in TASKS:
         model.add_task(t)
@@ -155,7 +127,7 @@ def test_dia_coupling_logdet_per_patch(passive_first: bool) -> None:
 
 def test_deep_invertible_adapter_logdet_per_patch() -> None:
     torch.manual_seed(0)
-    dia = DeepInvertibleAdapter(12, small_cfg("v5", dim=12).dia).double()
+    dia = DeepInvertibleAdapter(12, small_model_cfg("v5", dim=12).dia).double()
     perturb(dia, std=0.3)
     x = randn(2, 3, 4, 12)
     _, ld = dia(x)

@@ -11,23 +11,11 @@ import torch.nn.functional as F
 from moleflow.config import LoRAConfig, apply_overrides, preset
 from moleflow.flow.lora import LoRALinear
 from moleflow.flow.model import MoLEFlow
+from tests.helpers import perturb
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def perturb(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def randn(*shape, seed: int = 5) -> torch.Tensor:

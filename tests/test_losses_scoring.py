@@ -17,9 +17,7 @@ def test_patch_nll_is_the_standard_normal_nll_minus_logdet():
     normal = torch.distributions.Normal(0.0, 1.0)
     torch.testing.assert_close(patch_nll(z, logdet), -normal.log_prob(z).sum(-1) - logdet)
     # the score drops exactly the constant (D/2) log 2 pi
-    torch.testing.assert_close(
-        patch_nll(z, logdet) - patch_scores(z, logdet), torch.full((1, 1, 2), math.log(2 * math.pi))
-    )
+    torch.testing.assert_close(patch_nll(z, logdet) - patch_scores(z, logdet), torch.full((1, 1, 2), math.log(2 * math.pi)))
 
 
 def test_tail_aware_loss_per_image_by_hand():

@@ -7,46 +7,22 @@ import math
 import pytest
 import torch
 
-from moleflow.config import WhiteningConfig, apply_overrides, preset
+from moleflow.config import WhiteningConfig
 from moleflow.features.positional import positional_encoding_2d
 from moleflow.flow.adapters import WhiteningAdapter
 from moleflow.flow.model import MoLEFlow
+from tests.helpers import perturb, small_model_cfg
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 CTX = 6
 PRESETS = ("v5", "paper", "offline")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_cfg(name: str, dim: int = 8, layers: int = 3, rank: int = 4, extra: tuple[str, ...] = ()):
-    alpha = 1 if name == "v5" else rank
-    overrides = [
-        f"model.backbone.embed_dim={dim}",
-        f"model.flow.coupling_layers={layers}",
-        f"model.flow.lora.rank={rank}",
-        f"model.flow.lora.alpha={alpha}",
-        *extra,
-    ]
-    return apply_overrides(preset(name), overrides).model
-
-
-@torch.no_grad()
-def perturb(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-
-
 def build_model(name: str, tasks=("t0", "t1"), seed: int = 0, **kw) -> MoLEFlow:
     torch.manual_seed(seed)
-    cfg = small_cfg(name, **kw)
+    cfg = small_model_cfg(name, **kw)
     model = MoLEFlow(cfg, context_dim=CTX if cfg.scale_context is not None else None)
     for t in tasks:
         model.add_task(t)

@@ -37,8 +37,7 @@ def fake_results() -> dict:
             "aupro": _metric([[0.8811, None], [0.8790, None]], 0.8790, 0.0021),
         },
         "routing": {"accuracy": 0.975, "confusion": [[19, 1], [0, 20]]},
-        "timing": {"feature_seconds": [3.25, 4.5], "train_seconds": [61.0, 42.75],
-                   "inference_ms_per_image": 12.34},
+        "timing": {"feature_seconds": [3.25, 4.5], "train_seconds": [61.0, 42.75], "inference_ms_per_image": 12.34},
         "params": {"backbone": 4_000_000, "base": 1_234_567, "per_task": [1_234_567, 45_678]},
         "environment": {"device": "cpu", "torch": "2.x", "moleflow": "0.1.0"},
     }
@@ -58,8 +57,7 @@ def fake_examples(size: int = 32) -> dict[str, TaskExamples]:
             masks = [None, None, None]
         all_labels = np.array([0] * 10 + [1] * 10)
         scores = rng.normal(size=20) + all_labels
-        out[task] = TaskExamples(task, images, maps, masks, [0, 1, 1], scores, all_labels,
-                                 threshold=0.5 if k == 0 else None)
+        out[task] = TaskExamples(task, images, maps, masks, [0, 1, 1], scores, all_labels, threshold=0.5 if k == 0 else None)
     return out
 
 
@@ -73,8 +71,7 @@ def test_write_report(tmp_path: Path) -> None:
         assert (tmp_path / "figures" / f"scores_{task}.png").is_file()
     assert (tmp_path / "figures" / "routing_confusion.png").is_file()
     # Percentages with one decimal: final routed/oracle values, means, matrix, forgetting, routing.
-    for value in ("91.2", "84.6", "96.6", "52.3", "87.0", "93.8", "86.1", "87.9", "89.9", "95.1", "3.9",
-                  "97.5"):
+    for value in ("91.2", "84.6", "96.6", "52.3", "87.0", "93.8", "86.1", "87.9", "89.9", "95.1", "3.9", "97.5"):
         assert value in text, value
     assert "–" in text  # null pixel metrics of the mask-less task, upper triangle, null forgetting
     assert "| solar_mono | 84.6 | – | – | – |" in text
@@ -149,8 +146,15 @@ def test_save_png_and_prediction_figure(tmp_path: Path) -> None:
     mask = np.zeros((32, 32))
     mask[4:10, 4:10] = 1
     for m, name in ((mask, "with_mask.png"), (None, "no_mask.png")):
-        path = save_prediction_figure(image, np.random.default_rng(2).random((16, 16)), tmp_path / name,
-                                      title="bottle | score 1.23 | anomalous", vmin=0.0, vmax=1.0, mask=m)
+        path = save_prediction_figure(
+            image,
+            np.random.default_rng(2).random((16, 16)),
+            tmp_path / name,
+            title="bottle | score 1.23 | anomalous",
+            vmin=0.0,
+            vmax=1.0,
+            mask=m,
+        )
         assert path.is_file() and Image.open(path).size[0] > 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["no_mask.png", "with_mask.png"]
 

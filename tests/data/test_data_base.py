@@ -41,9 +41,7 @@ def test_array_sample_rejects_bad_shapes() -> None:
     with pytest.raises(DatasetError, match=r"\(H, W, 3\) uint8"):
         ArraySample(name="a", label=0, defect="good", image=np.zeros((4, 4), np.uint8))
     with pytest.raises(DatasetError, match="mask shape"):
-        ArraySample(
-            name="a", label=0, defect="good", image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((3, 4))
-        )
+        ArraySample(name="a", label=0, defect="good", image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((3, 4)))
 
 
 def test_file_sample_normal_mask_is_zero_of_image_size(tmp_path: Path, write_png: WritePng) -> None:

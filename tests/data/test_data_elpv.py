@@ -24,9 +24,7 @@ def test_counts_and_only_certain_labels(kind: str) -> None:
     assert task.name == f"elpv_{kind}" and not task.has_masks
     assert len(task.train) == n_train
     assert len(task.test) - task.n_anomalous == n_test_normal and task.n_anomalous == n_anomalous
-    probability = {
-        f"elpv/{r.kind}/{r.path.stem}": r.probability for r in parse_elpv_labels(default_labels_csv())
-    }
+    probability = {f"elpv/{r.kind}/{r.path.stem}": r.probability for r in parse_elpv_labels(default_labels_csv())}
     assert all(probability[s.name] == 0.0 for s in (*task.train, *task.test) if s.label == 0)
     assert all(probability[s.name] == 1.0 for s in task.test if s.label == 1)
     assert all(s.name.startswith(f"elpv/{kind}/") for s in (*task.train, *task.test))

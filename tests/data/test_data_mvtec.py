@@ -92,9 +92,7 @@ def test_missing_test_directory_is_an_error(make_mvtec: MakeMvtec) -> None:
 def test_defect_image_without_mask_is_named(make_mvtec: MakeMvtec) -> None:
     root = make_mvtec()
     (root / "ground_truth" / "crack" / "001_mask.png").unlink()
-    with pytest.raises(
-        DatasetError, match=r"(?s)1 defective.*test/crack/001\.png.*ground_truth/crack/001_mask"
-    ):
+    with pytest.raises(DatasetError, match=r"(?s)1 defective.*test/crack/001\.png.*ground_truth/crack/001_mask"):
         load_mvtec_task(root)
 
 
