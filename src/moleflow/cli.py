@@ -242,6 +242,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    from moleflow.perf import main as bench_main
+
+    return bench_main(argv)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_yaml(_config(args.config, args.set)), end="")
     return 0
@@ -290,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.set_defaults(func=cmd_demo)
 
+    sub.add_parser("bench", help="speed and memory measurements: moleflow bench [--quick] [--json PATH]")
+
     c = sub.add_parser("config", help="print the resolved config")
     c.add_argument("config", nargs="?", default="offline")
     common(c)
@@ -298,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own argument parser (moleflow.perf)
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,108 @@
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from moleflow.config import preset
+from moleflow.flow.model import MoLEFlow
+from moleflow.perf import head_flops, measure_ceiling, to_markdown
+
+
+def _small(name: str, dim: int = 64, rank: int = 8, layers: int = 2):
+    cfg = preset(name).model
+    cfg.backbone.embed_dim = dim
+    cfg.flow = dataclasses.replace(cfg.flow, coupling_layers=layers, lora=dataclasses.replace(cfg.flow.lora, rank=rank))
+    return cfg
+
+
+def _counted(cfg, grid, context_dim=None, batch=2) -> int:
+    torch.manual_seed(0)
+    model = MoLEFlow(cfg, context_dim).eval()
+    model.add_task("a")
+    patches = torch.randn(batch, *grid, cfg.backbone.embed_dim)
+    context = torch.randn(batch, *grid, context_dim) if context_dim else None
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(patches, "a", context)
+    return counter.get_total_flops() // batch
+
+
+@pytest.mark.parametrize(
+    "name, context_dim",
+    [("v5", None), ("offline", None), ("paper", 96)],
+)
+def test_head_flops_matches_flop_counter(name, context_dim):
+    cfg = _small(name)
+    grid = (6, 5)
+    analytic = head_flops(cfg, grid, context_dim)
+    counted = _counted(cfg, grid, context_dim)
+    assert analytic == pytest.approx(counted, rel=0.02)
+
+
+def test_head_flops_paper_context_subnet_without_dia_and_mixer():
+    cfg = _small("paper", dim=32, rank=4, layers=1)
+    cfg.dia = None
+    cfg.spatial_mixer = None
+    cfg.scale_context = None
+    grid = (4, 4)
+    assert head_flops(cfg, grid) == pytest.approx(_counted(cfg, grid), rel=0.02)
+
+
+def test_head_flops_scales_with_grid_and_lora():
+    cfg = _small("v5")
+    assert head_flops(cfg, (4, 4)) == 4 * head_flops(cfg, (2, 2))
+    assert head_flops(cfg, with_lora=False) < head_flops(cfg)
+    with pytest.raises(ValueError):
+        head_flops(preset("paper").model)  # scale context without context_dim
+
+
+def test_ceiling_smoke():
+    out = measure_ceiling("cpu", size=64, reps=2, warmup=1)
+    assert out["size"] == 64 and out["dtype"] == "float32"
+    assert out["flops_per_s"] > 0 and out["seconds"] > 0
+
+
+def test_to_markdown_on_fake_result():
+    fake = {
+        "quick": True,
+        "environment": {"device": "cpu", "torch": "x"},
+        "ceiling": {"size": 64, "dtype": "float32", "seconds": 1e-4, "flops_per_s": 5.2e9},
+        "head": [
+            {
+                "preset": "offline", "embed_dim": 168, "context_dim": None, "batch": 8, "images_per_s": 100.0,
+                "ms_per_image": 10.0, "head_flops": 179_457_600, "achieved_flops_per_s": 1.8e10,
+                "head_efficiency": 0.35,
+            }
+        ],
+        "train": [
+            {
+                "preset": "offline", "optimizer": "adamp", "batch": 8, "steps_per_s": 2.0, "images_per_s": 16.0,
+                "train_flops_per_image": 5e8, "achieved_flops_per_s": 8e9, "train_efficiency": 0.15,
+            }
+        ],
+        "end_to_end": [
+            {"backbone": "efficientnet_lite2", "status": "ok", "batch": 1, "images_per_s": 20.0, "ms_per_image": 50.0},
+            {"backbone": "wide_resnet50_2 (paper)", "status": "unavailable", "reason": "no weights"},
+        ],
+        "routing": [
+            {"dim": 168, "tasks": 10, "precision_bytes": 2_257_920, "status": "ok", "ms_per_image": 0.1,
+             "ratio_to_head": 0.01},
+            {"dim": 768, "tasks": 1000, "precision_bytes": 4_718_592_000, "status": "skipped (quick mode on CPU)"},
+        ],
+        "per_task": {
+            "presets": [
+                {"preset": "offline", "per_task_parameters": 1000, "task_file_bytes": 4096,
+                 "first_task_trainable": 5000, "base_parameters": 4000}
+            ],
+            "learn": {"preset": "offline", "images": 300, "epochs_run": 1, "epochs_preset": 40, "seconds_run": 2.0,
+                      "seconds_for_preset_epochs": 80.0, "extrapolated": True, "trainable_parameters": 5000},
+        },
+        "memory": {"cpu_max_rss_bytes": 2e9},
+        "section_seconds": {"ceiling": 1.0},
+        "total_seconds": 3.0,
+    }
+    text = to_markdown(fake)
+    assert "35.0%" in text and "5.20 GFLOP/s" in text
+    assert "unavailable" in text and "skipped (quick mode on CPU)" in text
+    assert "extrapolated" in text and "**80 s**" in text
+    assert to_markdown({}).startswith("# moleflow bench")
