@@ -160,6 +160,7 @@ class TrainConfig:
 class RouterConfig:
     metric: Literal["mahalanobis", "euclidean"] = "mahalanobis"
     covariance_reg: float = 1e-5
+    shrinkage: Literal["none", "oas"] = "none"  # oas: well-conditioned when images < feature dims
     feature: Literal["patch_mean", "backbone_pooled"] = "patch_mean"
 
 
@@ -278,7 +279,7 @@ def _offline() -> MoleFlowConfig:
         ),
         loss=LossConfig(tail_weight=0.3, tail_top_k=0.05, tail_scope="per_image", logdet_weight=3e-5),
         train=TrainConfig(optimizer="adamp", lr=5e-4, weight_decay=0.01, scheduler="cosine", epochs=40),
-        router=RouterConfig(feature="patch_mean"),
+        router=RouterConfig(feature="patch_mean", shrinkage="oas"),
     )
 
 

@@ -43,15 +43,36 @@ class PrototypeAccumulator:
         self.mean = self.mean + delta * (n / total)
         self.count = total
 
-    def finalize(self, covariance_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean (G,), precision (G, G))`` with ``Sigma = scatter / (N - 1) + reg * I``."""
+    def finalize(self, covariance_reg: float, shrinkage: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean (G,), precision (G, G))`` with ``Sigma = S + reg * I``.
+
+        ``shrinkage="none"``: ``S = scatter / (N - 1)`` (the spec). ``"oas"``: the Oracle Approximating
+        Shrinkage estimate (Chen et al. 2010, as scikit-learn's ``OAS``) of the covariance, which stays
+        well conditioned when a task has fewer images than feature dimensions.
+        """
         if self.count < 2:
             raise ValueError(f"a task prototype needs at least 2 training images, got {self.count}")
-        cov = self.scatter / (self.count - 1)
+        if shrinkage == "oas":
+            cov = oas_shrink(self.scatter / self.count, self.count)
+        elif shrinkage == "none":
+            cov = self.scatter / (self.count - 1)
+        else:
+            raise ValueError(f"unknown covariance shrinkage {shrinkage!r}; use 'none' or 'oas'")
         cov = cov + covariance_reg * torch.eye(cov.shape[0], dtype=cov.dtype)
         chol = torch.linalg.cholesky(cov)
         precision = torch.cholesky_inverse(chol)
         return self.mean.clone(), 0.5 * (precision + precision.T)
+
+
+def oas_shrink(emp_cov: torch.Tensor, n: int) -> torch.Tensor:
+    """OAS shrinkage of a maximum-likelihood covariance ``(G, G)`` towards ``mu * I``, ``mu = tr / G``."""
+    p = emp_cov.shape[0]
+    mu = torch.trace(emp_cov) / p
+    alpha = emp_cov.pow(2).mean()
+    num = alpha + mu**2
+    den = (n + 1.0) * (alpha - mu**2 / p)
+    rho = 1.0 if den <= 0 else min(float(num / den), 1.0)
+    return (1.0 - rho) * emp_cov + rho * mu * torch.eye(p, dtype=emp_cov.dtype)
 
 
 @dataclass

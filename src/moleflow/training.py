@@ -170,5 +170,5 @@ class ContinualTrainer:
         acc = PrototypeAccumulator()
         for batch in features.batches(batch_size):
             acc.update(routing_features(self.model, batch.to(self.device), self.router.cfg.feature).cpu())
-        mean, precision = acc.finalize(self.router.cfg.covariance_reg)
+        mean, precision = acc.finalize(self.router.cfg.covariance_reg, self.router.cfg.shrinkage)
         self.router.add(task, mean, precision)
