@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from moleflow.config import ConfigError, MoleFlowConfig, apply_overrides, dump_yaml, load_config
 
@@ -182,6 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from moleflow.data.io import IMAGE_EXTENSIONS, read_image
+    from moleflow.features.cache import CachedFeatures
     from moleflow.inference import score_features
     from moleflow.scoring import anomaly_maps
     from moleflow.visualize import save_prediction_figure
@@ -202,8 +202,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in paths:
         image = read_image(path)
         feats = extractor.extract([image])
-        from moleflow.features.cache import CachedFeatures
-
         cached = CachedFeatures(
             feats.patches, feats.context if model.scale_context is not None else None, feats.pooled
         )
@@ -322,5 +320,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(torch.get_num_threads())
     raise SystemExit(main())
