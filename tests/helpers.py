@@ -51,3 +51,17 @@ def perturb(module: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     for p in module.parameters():
         p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def build_perturbed_model(name: str, tasks=("t0", "t1"), seed: int = 0, context_dim: int = 6, **kw):
+    """A float64 MoLEFlow from :func:`small_model_cfg` with ``tasks`` added and every parameter perturbed."""
+    from moleflow.flow.model import MoLEFlow
+
+    torch.manual_seed(seed)
+    cfg = small_model_cfg(name, **kw)
+    model = MoLEFlow(cfg, context_dim=context_dim if cfg.scale_context is not None else None)
+    for t in tasks:
+        model.add_task(t)
+    model.double()
+    perturb(model, seed=seed + 1)
+    return model

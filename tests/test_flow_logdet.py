@@ -17,6 +17,7 @@ from moleflow.flow.dia import DeepInvertibleAdapter, DIACoupling
 from moleflow.flow.lora import LoRALinear
 from moleflow.flow.model import MoLEFlow
 from moleflow.flow.subnets import subnet_factory
+from tests.helpers import build_perturbed_model as build_model
 from tests.helpers import perturb, small_model_cfg
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -36,17 +37,6 @@ def build_coupling(subnet: str, dim: int, seed: int = 0) -> AllInOneCoupling:
     block.double()
     perturb(block, seed=seed + 1)
     return block
-
-
-def build_model(name: str, seed: int = 0) -> MoLEFlow:
-    torch.manual_seed(seed)
-    cfg = small_model_cfg(name)
-    model = MoLEFlow(cfg, context_dim=CTX if cfg.scale_context is not None else None)
-    for t in TASKS:
-        model.add_task(t)
-    model.double()
-    perturb(model, seed=seed + 1)
-    return model
 
 
 def randn(*shape, seed: int = 5) -> torch.Tensor:

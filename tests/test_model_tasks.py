@@ -11,24 +11,13 @@ from moleflow.config import WhiteningConfig
 from moleflow.features.positional import positional_encoding_2d
 from moleflow.flow.adapters import WhiteningAdapter
 from moleflow.flow.model import MoLEFlow
-from tests.helpers import perturb, small_model_cfg
+from tests.helpers import build_perturbed_model as build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 CTX = 6
 PRESETS = ("v5", "paper", "offline")
-
-
-def build_model(name: str, tasks=("t0", "t1"), seed: int = 0, **kw) -> MoLEFlow:
-    torch.manual_seed(seed)
-    cfg = small_model_cfg(name, **kw)
-    model = MoLEFlow(cfg, context_dim=CTX if cfg.scale_context is not None else None)
-    for t in tasks:
-        model.add_task(t)
-    model.double()
-    perturb(model, seed=seed + 1)
-    return model
 
 
 def model_inputs(model: MoLEFlow, seed: int = 7):

@@ -69,15 +69,27 @@ def test_to_markdown_on_fake_result():
         "ceiling": {"size": 64, "dtype": "float32", "seconds": 1e-4, "flops_per_s": 5.2e9},
         "head": [
             {
-                "preset": "offline", "embed_dim": 168, "context_dim": None, "batch": 8, "images_per_s": 100.0,
-                "ms_per_image": 10.0, "head_flops": 179_457_600, "achieved_flops_per_s": 1.8e10,
+                "preset": "offline",
+                "embed_dim": 168,
+                "context_dim": None,
+                "batch": 8,
+                "images_per_s": 100.0,
+                "ms_per_image": 10.0,
+                "head_flops": 179_457_600,
+                "achieved_flops_per_s": 1.8e10,
                 "head_efficiency": 0.35,
             }
         ],
         "train": [
             {
-                "preset": "offline", "optimizer": "adamp", "batch": 8, "steps_per_s": 2.0, "images_per_s": 16.0,
-                "train_flops_per_image": 5e8, "achieved_flops_per_s": 8e9, "train_efficiency": 0.15,
+                "preset": "offline",
+                "optimizer": "adamp",
+                "batch": 8,
+                "steps_per_s": 2.0,
+                "images_per_s": 16.0,
+                "train_flops_per_image": 5e8,
+                "achieved_flops_per_s": 8e9,
+                "train_efficiency": 0.15,
             }
         ],
         "end_to_end": [
@@ -85,17 +97,36 @@ def test_to_markdown_on_fake_result():
             {"backbone": "wide_resnet50_2 (paper)", "status": "unavailable", "reason": "no weights"},
         ],
         "routing": [
-            {"dim": 168, "tasks": 10, "precision_bytes": 2_257_920, "status": "ok", "ms_per_image": 0.1,
-             "ratio_to_head": 0.01},
+            {
+                "dim": 168,
+                "tasks": 10,
+                "precision_bytes": 2_257_920,
+                "status": "ok",
+                "ms_per_image": 0.1,
+                "ratio_to_head": 0.01,
+            },
             {"dim": 768, "tasks": 1000, "precision_bytes": 4_718_592_000, "status": "skipped (quick mode on CPU)"},
         ],
         "per_task": {
             "presets": [
-                {"preset": "offline", "per_task_parameters": 1000, "task_file_bytes": 4096,
-                 "first_task_trainable": 5000, "base_parameters": 4000}
+                {
+                    "preset": "offline",
+                    "per_task_parameters": 1000,
+                    "task_file_bytes": 4096,
+                    "first_task_trainable": 5000,
+                    "base_parameters": 4000,
+                }
             ],
-            "learn": {"preset": "offline", "images": 300, "epochs_run": 1, "epochs_preset": 40, "seconds_run": 2.0,
-                      "seconds_for_preset_epochs": 80.0, "extrapolated": True, "trainable_parameters": 5000},
+            "learn": {
+                "preset": "offline",
+                "images": 300,
+                "epochs_run": 1,
+                "epochs_preset": 40,
+                "seconds_run": 2.0,
+                "seconds_for_preset_epochs": 80.0,
+                "extrapolated": True,
+                "trainable_parameters": 5000,
+            },
         },
         "memory": {"cpu_max_rss_bytes": 2e9},
         "section_seconds": {"ceiling": 1.0},
