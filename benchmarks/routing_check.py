@@ -52,7 +52,8 @@ def main() -> None:
                 acc.update(feats[feature])
                 router.add(f"t{i}", *acc.finalize(1e-5, shrinkage))
             per_task = [(router.route(t[feature]) == i).double().mean().item() for i, t in enumerate(test)]
-            total = sum(len(t[feature]) * a for t, a in zip(test, per_task)) / sum(len(t[feature]) for t in test)
+            sizes = [len(t[feature]) for t in test]
+            total = sum(n * a for n, a in zip(sizes, per_task, strict=True)) / sum(sizes)
             print(f"| {feature} | {metric} | {shrinkage} | {100 * total:.1f} % | "
                   + ", ".join(f"{100 * a:.1f}" for a in per_task) + " |")
 
