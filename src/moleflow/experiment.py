@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from moleflow.inference import ScoredBatch, score_features
 from moleflow.routing import Router
 from moleflow.scoring import anomaly_maps
 from moleflow.training import ContinualTrainer
+from moleflow.visualize import atomic_write
 
 log = logging.getLogger(__name__)
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
@@ -43,20 +42,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
-
-
 def write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    write_text_atomic(json.dumps(data, indent=2, allow_nan=False), path)
 
 
 @dataclass

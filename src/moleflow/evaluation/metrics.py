@@ -106,10 +106,7 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
     Returns:
         AUROC in [0, 1], or NaN if the masks hold only one class.
     """
-    s, t = _check_pair("pixel_auroc", maps, masks, "masks")
-    if _one_class(t):
-        return float("nan")
-    return float(roc_auc_score(t.ravel(), s.ravel()))
+    return _pooled_pixels("pixel_auroc", roc_auc_score, maps, masks)
 
 
 def pixel_ap(maps: np.ndarray, masks: np.ndarray) -> float:
@@ -122,10 +119,15 @@ def pixel_ap(maps: np.ndarray, masks: np.ndarray) -> float:
     Returns:
         AP in [0, 1], or NaN if the masks hold only one class.
     """
-    s, t = _check_pair("pixel_ap", maps, masks, "masks")
+    return _pooled_pixels("pixel_ap", average_precision_score, maps, masks)
+
+
+def _pooled_pixels(metric: str, score_fn, maps: np.ndarray, masks: np.ndarray) -> float:
+    """``score_fn(labels, scores)`` over all pixels of all images pooled; NaN for a single class."""
+    s, t = _check_pair(metric, maps, masks, "masks")
     if _one_class(t):
         return float("nan")
-    return float(average_precision_score(t.ravel(), s.ravel()))
+    return float(score_fn(t.ravel(), s.ravel()))
 
 
 def _quantize(scores: np.ndarray, num_thresholds: int) -> np.ndarray:
