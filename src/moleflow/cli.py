@@ -54,12 +54,13 @@ def _train(
     limits=None,
     progress: bool = True,
     workers: int = 0,
+    feature_cache: Path | None = None,
 ) -> dict:
     from moleflow.experiment import ContinualExperiment
     from moleflow.report import format_summary_table, write_report
 
     tasks = _tasks(specs, data_root, limits)
-    exp = ContinualExperiment(cfg, out, progress=progress, num_workers=workers)
+    exp = ContinualExperiment(cfg, out, progress=progress, num_workers=workers, feature_cache=feature_cache)
     start = time.perf_counter()
     results = exp.run(tasks, specs, limits, data_root)
     write_report(out, results, _examples(exp))
@@ -113,6 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out,
         progress=not args.no_progress,
         workers=args.workers,
+        feature_cache=args.feature_cache,
     )
     return 0
 
@@ -240,6 +242,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(argv: list[str]) -> int:
+    from moleflow.analysis.command import main as analyze_main
+
+    return analyze_main(argv)
+
+
 def _bench(argv: list[str]) -> int:
     from moleflow.perf import main as bench_main
 
@@ -273,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--data", help="root directory for bare category names")
     t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    t.add_argument(
+        "--feature-cache", type=Path, help="directory that keeps extracted backbone features between runs"
+    )
     common(t)
     t.set_defaults(func=cmd_train)
 
@@ -295,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     sub.add_parser("bench", help="speed and memory measurements: moleflow bench [--quick] [--json PATH]")
+    sub.add_parser("analyze", help="the paper's analyses: moleflow analyze {interaction,order,lora,dia,growth,routing}")
 
     c = sub.add_parser("config", help="print the resolved config")
     c.add_argument("config", nargs="?", default="offline")
@@ -307,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own argument parser (moleflow.perf)
         return _bench(argv[1:])
+    if argv[:1] == ["analyze"]:  # its own argument parser (moleflow.analysis.command)
+        return _analyze(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

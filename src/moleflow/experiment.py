@@ -6,6 +6,7 @@ Metrics are computed at the backbone's input resolution (masks resized with near
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -23,7 +24,7 @@ from moleflow.config import MoleFlowConfig, dump_yaml
 from moleflow.data.base import Sample, TaskData
 from moleflow.evaluation import metrics as M
 from moleflow.evaluation.protocol import AccuracyMatrix, metrics_section, routing_section
-from moleflow.features.cache import CachedFeatures, extract_features
+from moleflow.features.cache import CacheMismatchError, CachedFeatures, cache_fingerprint, extract_features
 from moleflow.features.extractor import FeatureExtractor
 from moleflow.flow.model import MoLEFlow
 from moleflow.inference import ScoredBatch, score_features
@@ -69,8 +70,19 @@ class TaskScores:
 
 
 class ContinualExperiment:
-    def __init__(self, cfg: MoleFlowConfig, run_dir: Path, *, progress: bool = True, num_workers: int = 0):
+    def __init__(
+        self,
+        cfg: MoleFlowConfig,
+        run_dir: Path,
+        *,
+        progress: bool = True,
+        num_workers: int = 0,
+        feature_cache: Path | None = None,
+    ):
+        """``feature_cache``: a directory where extracted features are kept between runs (keyed by the
+        backbone config and the image files), so repeated runs on the same data skip the backbone."""
         self.cfg, self.run_dir, self.progress, self.num_workers = cfg, Path(run_dir), progress, num_workers
+        self.feature_cache = Path(feature_cache) if feature_cache is not None else None
         self.device = resolve_device(cfg.device)
         self.extractor = FeatureExtractor(cfg.model.backbone).to(self.device)
         self.need_context = cfg.model.scale_context is not None
@@ -91,6 +103,22 @@ class ContinualExperiment:
         return self.cfg.model.backbone.image_size
 
     def extract(self, samples, desc: str) -> CachedFeatures:
+        if self.feature_cache is None:
+            return self._extract(samples, desc)
+        digest = samples_digest(samples)
+        expected = cache_fingerprint(self.cfg.model.backbone, samples=digest, context=self.need_context)
+        path = self.feature_cache / f"{self.cfg.model.backbone.name}-{digest[:16]}.safetensors"
+        if path.exists():
+            try:
+                return CachedFeatures.load(path, expected)
+            except CacheMismatchError as e:
+                log.warning("ignoring feature cache: %s", e)
+        feats = self._extract(samples, desc)
+        feats.fingerprint = expected
+        feats.save(path)
+        return feats
+
+    def _extract(self, samples, desc: str) -> CachedFeatures:
         return extract_features(
             self.extractor,
             samples,
@@ -248,6 +276,19 @@ class ContinualExperiment:
                 "preset": self.cfg.preset,
             },
         }
+
+
+def samples_digest(samples) -> str:
+    """SHA-256 identifying a list of samples: file path, size and mtime for files, pixels for arrays."""
+    h = hashlib.sha256()
+    for sample in samples:
+        path = getattr(sample, "image_path", None)
+        if path is not None:
+            stat = Path(path).stat()
+            h.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        else:
+            h.update(sample.name.encode() + np.ascontiguousarray(sample.load_image()).tobytes())
+    return h.hexdigest()
 
 
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
