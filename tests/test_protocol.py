@@ -140,4 +140,3 @@ def test_routing_edge_cases() -> None:
         routing_confusion([0, 2], [0, 1], 2)
     with pytest.raises(ValueError, match="routed tasks"):
         routing_accuracy([0, 1], [0])
-

@@ -76,9 +76,7 @@ def save_base(model: MoLEFlow, cfg: MoleFlowConfig, directory: Path) -> None:
     atomic_save(model.base_state_dict(), directory / "base.safetensors", meta)
 
 
-def save_task(
-    model: MoLEFlow, cfg: MoleFlowConfig, task: str, directory: Path, threshold: float | None = None
-) -> None:
+def save_task(model: MoLEFlow, cfg: MoleFlowConfig, task: str, directory: Path, threshold: float | None = None) -> None:
     """One task's tensors; ``threshold`` is its image-score decision threshold (kept in the metadata)."""
     extra = {"task": task} if threshold is None else {"task": task, "threshold": repr(float(threshold))}
     atomic_save(model.task_state_dict(task), directory / "tasks" / f"{task}.safetensors", _meta(cfg, **extra))
@@ -113,9 +111,7 @@ def load_all(cfg: MoleFlowConfig, directory: Path, context_dim: int | None = Non
     model = MoLEFlow(cfg.model, context_dim=context_dim or int(meta.get("context_dim", "0")) or None)
     missing = set(model.base_state_dict()) ^ set(base)
     if missing:
-        raise CheckpointError(
-            f"base checkpoint does not match this model: differing keys {sorted(missing)[:5]}"
-        )
+        raise CheckpointError(f"base checkpoint does not match this model: differing keys {sorted(missing)[:5]}")
     model.load_state_dict(base, strict=False)
     router_tensors, router_meta = _read(directory / "router.safetensors", fp)
     tasks = json.loads(router_meta["tasks"])

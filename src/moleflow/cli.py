@@ -81,9 +81,7 @@ def _examples(exp) -> dict:
         anomalous = np.flatnonzero(es.labels == 1)[:3].tolist()
         normal = np.flatnonzero(es.labels == 0)[:1].tolist()
         picks = anomalous + normal
-        maps = anomaly_maps(
-            final.scored.patch_scores[picks], (size, size), exp.cfg.scoring.smoothing_sigma
-        ).numpy()
+        maps = anomaly_maps(final.scored.patch_scores[picks], (size, size), exp.cfg.scoring.smoothing_sigma).numpy()
         out[name] = TaskExamples(
             task=name,
             images=[_resize_image(es.samples[i].load_image(), size) for i in picks],
@@ -155,9 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     exp = ContinualExperiment(cfg, run_dir, progress=not args.no_progress)
     exp.extractor, exp.model, exp.router, exp.thresholds = extractor, model, router, thresholds
     exp.trainer.model, exp.trainer.router = model, router
-    previous = (
-        json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
-    )
+    previous = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
     limits = tuple(recorded["limits"]) if recorded.get("limits") else None
     if None in specs.values():
         raise ValueError(f"{run_dir / 'tasks.json'} records no task specs (run made from Python?); cannot rebuild tests")
@@ -204,9 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in paths:
         image = read_image(path)
         feats = extractor.extract([image])
-        cached = CachedFeatures(
-            feats.patches, feats.context if model.scale_context is not None else None, feats.pooled
-        )
+        cached = CachedFeatures(feats.patches, feats.context if model.scale_context is not None else None, feats.pooled)
         scored = score_features(model, router, cached, cfg.scoring)
         task = router.tasks[int(scored.task_index[0])]
         score = float(scored.image_scores[0])
@@ -281,9 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--data", help="root directory for bare category names")
     t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    t.add_argument(
-        "--feature-cache", type=Path, help="directory that keeps extracted backbone features between runs"
-    )
+    t.add_argument("--feature-cache", type=Path, help="directory that keeps extracted backbone features between runs")
     common(t)
     t.set_defaults(func=cmd_train)
 

@@ -186,9 +186,7 @@ class MoleFlowConfig:
         """Raise :class:`ConfigError` on values the method cannot run with."""
         d = self.model.backbone.embed_dim
         if d % 4:
-            raise ConfigError(
-                f"model.backbone.embed_dim must be divisible by 4 (2D positional encoding), got {d}"
-            )
+            raise ConfigError(f"model.backbone.embed_dim must be divisible by 4 (2D positional encoding), got {d}")
         if self.model.flow.lora.rank < 1:
             raise ConfigError("model.flow.lora.rank must be >= 1")
         if not 0.0 <= self.loss.tail_weight <= 1.0:
@@ -202,9 +200,7 @@ class MoleFlowConfig:
             raise ConfigError(f"model.whitening.gamma_range must satisfy 0 < low < high, got {(lo, hi)}")
         unknown = set(self.train.lr_multipliers) - set(PARAMETER_GROUPS)
         if unknown:
-            raise ConfigError(
-                f"train.lr_multipliers has unknown groups {sorted(unknown)}; known: {PARAMETER_GROUPS}"
-            )
+            raise ConfigError(f"train.lr_multipliers has unknown groups {sorted(unknown)}; known: {PARAMETER_GROUPS}")
         if self.model.scale_context is not None and not self.model.backbone.name.startswith("wide_resnet"):
             # the scale context needs the raw multi-layer maps; every CNN backbone provides them
             if self.model.backbone.name.startswith("vit"):
@@ -221,9 +217,7 @@ def _paper() -> MoleFlowConfig:
     return MoleFlowConfig(
         preset="paper",
         model=ModelConfig(
-            backbone=BackboneConfig(
-                name="wide_resnet50_2", image_size=224, layers=("layer2", "layer3"), embed_dim=768
-            ),
+            backbone=BackboneConfig(name="wide_resnet50_2", image_size=224, layers=("layer2", "layer3"), embed_dim=768),
             scale_context=ScaleContextConfig(kernel_size=3),
             whitening=WhiteningConfig(later_task_init="from_first_task", identity_reg_tasks="all"),
             spatial_mixer=SpatialMixerConfig(gate="per_task"),
@@ -291,9 +285,7 @@ def preset(name: str) -> MoleFlowConfig:
     try:
         return PRESETS[name]().validate()
     except KeyError:
-        raise ConfigError(
-            f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or give a YAML file"
-        ) from None
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or give a YAML file") from None
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -396,9 +388,7 @@ def config_from_dict(data: Mapping[str, Any]) -> MoleFlowConfig:
     data = dict(data)
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        raise ConfigError(
-            f"config schema_version {version} is not supported (this moleflow reads {SCHEMA_VERSION})"
-        )
+        raise ConfigError(f"config schema_version {version} is not supported (this moleflow reads {SCHEMA_VERSION})")
     base = preset(str(data.get("preset", "offline")))
     merged = _deep_merge(to_dict(base), data)
     return from_dict(MoleFlowConfig, merged).validate()

@@ -24,7 +24,7 @@ from moleflow.config import MoleFlowConfig, dump_yaml
 from moleflow.data.base import Sample, TaskData
 from moleflow.evaluation import metrics as M
 from moleflow.evaluation.protocol import AccuracyMatrix, metrics_section, routing_section
-from moleflow.features.cache import CacheMismatchError, CachedFeatures, cache_fingerprint, extract_features
+from moleflow.features.cache import CachedFeatures, CacheMismatchError, cache_fingerprint, extract_features
 from moleflow.features.extractor import FeatureExtractor
 from moleflow.flow.model import MoLEFlow
 from moleflow.inference import ScoredBatch, score_features
@@ -86,9 +86,7 @@ class ContinualExperiment:
         self.device = resolve_device(cfg.device)
         self.extractor = FeatureExtractor(cfg.model.backbone).to(self.device)
         self.need_context = cfg.model.scale_context is not None
-        self.model = MoLEFlow(cfg.model, self.extractor.context_dim if self.need_context else None).to(
-            self.device
-        )
+        self.model = MoLEFlow(cfg.model, self.extractor.context_dim if self.need_context else None).to(self.device)
         self.router = Router(cfg.router)
         self.trainer = ContinualTrainer(self.model, self.router, cfg, self.device)
         self.eval_sets: dict[str, EvalSet] = {}
@@ -172,10 +170,7 @@ class ContinualExperiment:
             idx = None if task_index is None else task_index[start : start + bs].to(self.device)
             parts.append(score_features(self.model, self.router, chunk, self.cfg.scoring, idx))
         return ScoredBatch(
-            *(
-                torch.cat([getattr(p, f) for p in parts]).cpu()
-                for f in ("task_index", "patch_scores", "image_scores")
-            )
+            *(torch.cat([getattr(p, f) for p in parts]).cpu() for f in ("task_index", "patch_scores", "image_scores"))
         )
 
     def evaluate_task(self, eval_set: EvalSet, task_index: torch.Tensor | None) -> TaskScores:

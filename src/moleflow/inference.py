@@ -31,9 +31,7 @@ def score_features(
 ) -> ScoredBatch:
     """Score ``features`` (B images). ``task_index`` given: oracle mode; otherwise routed per image."""
     if task_index is None:
-        task_index = router.route(routing_features(model, features, router.cfg.feature)).to(
-            features.patches.device
-        )
+        task_index = router.route(routing_features(model, features, router.cfg.feature)).to(features.patches.device)
     b, h, w, _ = features.patches.shape
     scores = features.patches.new_empty(b, h, w)
     for t in torch.unique(task_index).tolist():
@@ -42,7 +40,5 @@ def score_features(
         out = model(group.patches, router.tasks[t], group.context)
         scores[rows] = patch_scores(out.z, out.logdet)
     if not torch.isfinite(scores).all():
-        raise FloatingPointError(
-            "non-finite anomaly scores: the input features contain NaN/inf or the model diverged"
-        )
+        raise FloatingPointError("non-finite anomaly scores: the input features contain NaN/inf or the model diverged")
     return ScoredBatch(task_index, scores, image_scores(scores, scoring))

@@ -22,9 +22,7 @@ def patch_nll(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
     return 0.5 * z.pow(2).sum(dim=-1) - logdet + 0.5 * dim * math.log(2.0 * math.pi)
 
 
-def tail_aware_loss(
-    nll: torch.Tensor, tail_weight: float, top_fraction: float, scope: str = "per_image"
-) -> torch.Tensor:
+def tail_aware_loss(nll: torch.Tensor, tail_weight: float, top_fraction: float, scope: str = "per_image") -> torch.Tensor:
     """``(1 - lambda) * mean(nll) + lambda * mean(top-k% of nll)`` for ``nll (B, H, W)``.
 
     ``per_image``: the top ``ceil(k * H * W)`` patches of each image, averaged over images (outline).

@@ -528,8 +528,14 @@ def to_markdown(result: dict) -> str:
             ["preset", "D", "batch", "images/s", "ms/image", "FLOPs/image", "achieved", "efficiency"],
             [
                 [
-                    h["preset"], h["embed_dim"], h["batch"], f"{h['images_per_s']:.1f}", f"{h['ms_per_image']:.2f}",
-                    _si(h["head_flops"]), _si(h["achieved_flops_per_s"], "FLOP/s"), f"{100 * h['head_efficiency']:.1f}%",
+                    h["preset"],
+                    h["embed_dim"],
+                    h["batch"],
+                    f"{h['images_per_s']:.1f}",
+                    f"{h['ms_per_image']:.2f}",
+                    _si(h["head_flops"]),
+                    _si(h["achieved_flops_per_s"], "FLOP/s"),
+                    f"{100 * h['head_efficiency']:.1f}%",
                 ]
                 for h in result["head"]
             ],
@@ -540,8 +546,13 @@ def to_markdown(result: dict) -> str:
             ["preset", "optimizer", "batch", "steps/s", "images/s", "achieved", "efficiency"],
             [
                 [
-                    t["preset"], t["optimizer"], t["batch"], f"{t['steps_per_s']:.2f}", f"{t['images_per_s']:.1f}",
-                    _si(t["achieved_flops_per_s"], "FLOP/s"), f"{100 * t['train_efficiency']:.1f}%",
+                    t["preset"],
+                    t["optimizer"],
+                    t["batch"],
+                    f"{t['steps_per_s']:.2f}",
+                    f"{t['images_per_s']:.1f}",
+                    _si(t["achieved_flops_per_s"], "FLOP/s"),
+                    f"{100 * t['train_efficiency']:.1f}%",
                 ]
                 for t in result["train"]
             ],
@@ -560,8 +571,15 @@ def to_markdown(result: dict) -> str:
         rows = []
         for r in result["routing"]:
             if r.get("status") == "ok":
-                rows.append([r["dim"], r["tasks"], _si(r["precision_bytes"], "B"), f"{r['ms_per_image']:.3f}",
-                             f"{r['ratio_to_head']:.2f}"])
+                rows.append(
+                    [
+                        r["dim"],
+                        r["tasks"],
+                        _si(r["precision_bytes"], "B"),
+                        f"{r['ms_per_image']:.3f}",
+                        f"{r['ratio_to_head']:.2f}",
+                    ]
+                )
             else:
                 rows.append([r["dim"], r["tasks"], _si(r["precision_bytes"], "B"), r.get("status", "?"), "-"])
         lines += _table(["G", "tasks", "precisions", "ms/image", "/ offline head"], rows)
@@ -571,8 +589,13 @@ def to_markdown(result: dict) -> str:
         lines += _table(
             ["preset", "per-task params", "task file", "first-task trainable", "base params"],
             [
-                [p["preset"], f"{p['per_task_parameters']:,}", _si(p["task_file_bytes"], "B"),
-                 f"{p['first_task_trainable']:,}", f"{p['base_parameters']:,}"]
+                [
+                    p["preset"],
+                    f"{p['per_task_parameters']:,}",
+                    _si(p["task_file_bytes"], "B"),
+                    f"{p['first_task_trainable']:,}",
+                    f"{p['base_parameters']:,}",
+                ]
                 for p in per_task.get("presets", [])
             ],
         )

@@ -117,9 +117,7 @@ def _summary_section(results: dict) -> list[str]:
     columns = [(routed, m, _title(m)) for m in names if m in routed]
     if oracle:
         columns += [(oracle, m, f"{_title(m)} (oracle)") for m in names if m in oracle]
-    rows = [
-        [t] + [pct(_at((sec[m] or {}).get("final"), j)) for sec, m, _ in columns] for j, t in enumerate(tasks)
-    ]
+    rows = [[t] + [pct(_at((sec[m] or {}).get("final"), j)) for sec, m, _ in columns] for j, t in enumerate(tasks)]
     rows.append(["**mean**"] + [pct((sec[m] or {}).get("final_mean")) for sec, m, _ in columns])
     note = "After the last task; routed: the router picks each test image's task"
     note += "; oracle: the true task is given." if oracle else "."
@@ -173,10 +171,7 @@ def _routing_section(results: dict, figure: str | None) -> list[str]:
     confusion = routing.get("confusion")
     if confusion:
         lines += ["Confusion (rows: true task, columns: routed to):", ""]
-        rows = [
-            [tasks[i] if i < len(tasks) else str(i)] + [_num(v, "{:g}") for v in row]
-            for i, row in enumerate(confusion)
-        ]
+        rows = [[tasks[i] if i < len(tasks) else str(i)] + [_num(v, "{:g}") for v in row] for i, row in enumerate(confusion)]
         lines += _md_table(["true \\ routed", *tasks[: len(confusion[0])]], rows)
     if figure:
         lines += [f"![routing confusion]({figure})", ""]
@@ -336,9 +331,7 @@ def write_report(run_dir: Path, results: dict, examples: dict[str, TaskExamples]
     fig_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(results["tasks"])
     confusion_fig = (
-        "figures/routing_confusion.png"
-        if _confusion_figure(results, fig_dir / "routing_confusion.png")
-        else None
+        "figures/routing_confusion.png" if _confusion_figure(results, fig_dir / "routing_confusion.png") else None
     )
     lines = [
         f"# MoLE-Flow run report: {run_dir.name}",
@@ -376,10 +369,7 @@ def format_summary_table(results: dict) -> str:
     ]
     columns.append((oracle, "image_auroc", "oracle img"))
     tasks = list(results["tasks"])
-    rows = [
-        [t] + [pct(_at((sec.get(m) or {}).get("final"), j)) for sec, m, _ in columns]
-        for j, t in enumerate(tasks)
-    ]
+    rows = [[t] + [pct(_at((sec.get(m) or {}).get("final"), j)) for sec, m, _ in columns] for j, t in enumerate(tasks)]
     rows.append(["mean"] + [pct((sec.get(m) or {}).get("final_mean")) for sec, m, _ in columns])
     header = ["task"] + [head for _, _, head in columns]
     first = max(len(r[0]) for r in [header, *rows])

@@ -89,9 +89,7 @@ class Router:
             raise ValueError(f"the router already has a prototype for {task!r}")
         mean, precision = mean.to(torch.float64)[None], precision.to(torch.float64)[None]
         if self.means is not None and mean.shape[-1] != self.means.shape[-1]:
-            raise ValueError(
-                f"prototype of {task!r} has dim {mean.shape[-1]}, router has {self.means.shape[-1]}"
-            )
+            raise ValueError(f"prototype of {task!r} has dim {mean.shape[-1]}, router has {self.means.shape[-1]}")
         self.means = mean if self.means is None else torch.cat([self.means, mean])
         self.precisions = precision if self.precisions is None else torch.cat([self.precisions, precision])
         self.tasks.append(task)

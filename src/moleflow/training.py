@@ -40,8 +40,7 @@ class TaskTrainingReport:
 def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamP (default) or AdamW with one parameter group per component and its lr multiplier."""
     param_groups = [
-        {"params": params, "lr": cfg.lr * cfg.lr_multipliers.get(name, 1.0), "name": name}
-        for name, params in groups.items()
+        {"params": params, "lr": cfg.lr * cfg.lr_multipliers.get(name, 1.0), "name": name} for name, params in groups.items()
     ]
     if cfg.optimizer == "adamp":
         from adamp import AdamP
@@ -56,15 +55,11 @@ def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: TrainConfi
             wd_ratio=cfg.adamp_wd_ratio,
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamp' or 'adamw'")
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig
-) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule: ``lr(e) = lr0 * 0.5 * (1 + cos(pi * e / E))`` (cosine) or constant."""
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
@@ -86,9 +81,7 @@ def routing_features(model: MoLEFlow, batch: CachedFeatures, feature: str) -> to
 
 
 class ContinualTrainer:
-    def __init__(
-        self, model: MoLEFlow, router: Router, cfg: MoleFlowConfig, device: torch.device | str = "cpu"
-    ):
+    def __init__(self, model: MoLEFlow, router: Router, cfg: MoleFlowConfig, device: torch.device | str = "cpu"):
         self.model, self.router, self.cfg = model, router, cfg
         self.device = torch.device(device)
 
@@ -102,11 +95,7 @@ class ContinualTrainer:
         if lcfg.logdet_weight:
             loss = loss + lcfg.logdet_weight * logdet_penalty(out.logdet)
         wcfg = model.cfg.whitening
-        if (
-            wcfg is not None
-            and wcfg.identity_reg_weight
-            and (wcfg.identity_reg_tasks == "all" or task == model.tasks[0])
-        ):
+        if wcfg is not None and wcfg.identity_reg_weight and (wcfg.identity_reg_tasks == "all" or task == model.tasks[0]):
             loss = loss + wcfg.identity_reg_weight * model.whitening[task].identity_penalty()
         return loss, parts
 

@@ -64,9 +64,7 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def overlay_heatmap(
-    image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
-) -> np.ndarray:
+def overlay_heatmap(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
     """Blend the jet-coloured map over ``image``.
 
     ``image``: uint8 ``(H, W, 3)``; ``amap``: float ``(h, w)``, resized bilinearly to ``(H, W)`` when it

@@ -24,9 +24,7 @@ import torch
 __all__ = ["PatchCoreScorer", "greedy_coreset", "nearest_neighbours"]
 
 
-def greedy_coreset(
-    patches: torch.Tensor, num: int, projection_dim: int | None = 128, seed: int = 0
-) -> torch.Tensor:
+def greedy_coreset(patches: torch.Tensor, num: int, projection_dim: int | None = 128, seed: int = 0) -> torch.Tensor:
     """Greedy k-center coreset (PatchCore Algorithm 1): repeatedly add the patch farthest from the set.
 
     Args:

@@ -61,9 +61,7 @@ class Sample(ABC):
 
     def __post_init__(self) -> None:
         if self.label not in LABELS:
-            raise DatasetError(
-                f"sample {self.name!r}: label must be 0 (normal) or 1 (anomalous), got {self.label!r}"
-            )
+            raise DatasetError(f"sample {self.name!r}: label must be 0 (normal) or 1 (anomalous), got {self.label!r}")
         if (self.label == 0) != (self.defect == NORMAL_DEFECT):
             raise DatasetError(
                 f"sample {self.name!r}: defect must be {NORMAL_DEFECT!r} exactly when label is 0; "
@@ -143,8 +141,7 @@ class ArraySample(Sample):
         super().__post_init__()
         if self.image.dtype != np.uint8 or self.image.ndim != 3 or self.image.shape[2] != 3:
             raise DatasetError(
-                f"sample {self.name!r}: image must be (H, W, 3) uint8, got {self.image.shape} "
-                f"{self.image.dtype}"
+                f"sample {self.name!r}: image must be (H, W, 3) uint8, got {self.image.shape} {self.image.dtype}"
             )
         image = self.image.copy()
         image.flags.writeable = False
@@ -152,8 +149,7 @@ class ArraySample(Sample):
         if self.mask is not None:
             if self.mask.shape != self.image.shape[:2]:
                 raise DatasetError(
-                    f"sample {self.name!r}: mask shape {self.mask.shape} != image shape "
-                    f"{self.image.shape[:2]}"
+                    f"sample {self.name!r}: mask shape {self.mask.shape} != image shape {self.image.shape[:2]}"
                 )
             mask = (self.mask > 0).astype(np.float32)
             mask.flags.writeable = False
@@ -197,8 +193,7 @@ class TaskData:
         anomalous = [s.name for s in self.train if s.label != 0]
         if anomalous:
             raise DatasetError(
-                f"task {self.name!r} ({self.source}): training images must be normal; "
-                f"anomalous: {anomalous[:5]}"
+                f"task {self.name!r} ({self.source}): training images must be normal; anomalous: {anomalous[:5]}"
             )
         inconsistent = [s.name for s in (*self.train, *self.test) if s.has_mask != self.has_masks]
         if inconsistent:

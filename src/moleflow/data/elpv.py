@@ -54,8 +54,7 @@ def default_labels_csv() -> Path:
     spec = importlib.util.find_spec(ELPV_PACKAGE)
     if spec is None or spec.origin is None:
         raise DatasetError(
-            "the elpv tasks need the 'elpv-dataset' package, which is not installed; "
-            "run: pip install elpv-dataset"
+            "the elpv tasks need the 'elpv-dataset' package, which is not installed; run: pip install elpv-dataset"
         )
     csv_path = Path(spec.origin).parent / "data" / "labels.csv"
     if not csv_path.is_file():
@@ -75,13 +74,10 @@ def parse_elpv_labels(labels_csv: str | Path) -> tuple[ElpvRecord, ...]:
             path, probability_text, kind = fields
             probability = float(probability_text)
         except ValueError as exc:
-            raise DatasetError(
-                f"{labels_csv} line {number}: expected 'PATH PROBABILITY TYPE', got {line!r}"
-            ) from exc
+            raise DatasetError(f"{labels_csv} line {number}: expected 'PATH PROBABILITY TYPE', got {line!r}") from exc
         if not 0.0 <= probability <= 1.0 or kind not in ELPV_KINDS:
             raise DatasetError(
-                f"{labels_csv} line {number}: probability must be in [0, 1] and type one of {ELPV_KINDS}; "
-                f"got {line!r}"
+                f"{labels_csv} line {number}: probability must be in [0, 1] and type one of {ELPV_KINDS}; got {line!r}"
             )
         records.append(ElpvRecord(path=labels_csv.parent / path, probability=probability, kind=kind))
     return tuple(records)

@@ -53,8 +53,7 @@ def _open_decoded(path: Path) -> Image.Image:
         raise DatasetError(f"image file not found: {path}") from exc
     except _READ_ERRORS as exc:
         raise DatasetError(
-            f"cannot decode image file {path}: {exc}. The file is corrupt, truncated or not an image; "
-            "replace or delete it"
+            f"cannot decode image file {path}: {exc}. The file is corrupt, truncated or not an image; replace or delete it"
         ) from exc
 
 

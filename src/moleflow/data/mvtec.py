@@ -92,9 +92,7 @@ def _missing_mask_error(missing: list[tuple[Path, Path]], category_dir: Path) ->
 def _test_class_dirs(category_dir: Path) -> list[Path]:
     test_dir = category_dir / "test"
     classes = (
-        sorted(
-            (p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
-        )
+        sorted((p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
         if test_dir.is_dir()
         else []
     )
@@ -153,6 +151,4 @@ def load_mvtec_task(category_dir: str | Path, name: str | None = None) -> TaskDa
     train, test = parse_mvtec(category_dir)
     layout = "MVTec 3D-AD (rgb)" if detect_layout(category_dir) == LAYOUT_3D else "MVTec AD"
     task_name = check_task_name(name if name is not None else category_dir.resolve().name)
-    return TaskData(
-        name=task_name, train=train, test=test, has_masks=True, source=f"{layout} layout at {category_dir}"
-    )
+    return TaskData(name=task_name, train=train, test=test, has_masks=True, source=f"{layout} layout at {category_dir}")

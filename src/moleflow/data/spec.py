@@ -61,9 +61,7 @@ def _from_scheme(scheme: str, argument: str, name: str | None) -> TaskData:
         return make_synthetic_task(argument, name=name)
     parts = argument.split(":")
     if len(parts) > 3 or not all(parts):
-        raise DatasetError(
-            f"folder:{argument}: expected folder:GOOD_DIR[:BAD_DIR[:MASK_DIR]] with non-empty directories"
-        )
+        raise DatasetError(f"folder:{argument}: expected folder:GOOD_DIR[:BAD_DIR[:MASK_DIR]] with non-empty directories")
     good, bad, masks = (*parts, None, None)[:3]
     return load_folder_task(good, bad, masks, name=name)
 
@@ -86,14 +84,12 @@ def _from_category(category: str, data_root: Path | None) -> TaskData:
     if is_visa_root(data_root):
         if category not in visa_categories(data_root):
             raise DatasetError(
-                f"{category!r} is not a VisA category of {data_root}; "
-                f"known: {list(visa_categories(data_root))}"
+                f"{category!r} is not a VisA category of {data_root}; known: {list(visa_categories(data_root))}"
             )
         return load_visa_task(data_root, category)
     if not (data_root / category).is_dir():
         raise DatasetError(
-            f"no category directory {data_root / category}; the data root holds "
-            f"{describe_directory(data_root)}. {SPEC_HELP}"
+            f"no category directory {data_root / category}; the data root holds {describe_directory(data_root)}. {SPEC_HELP}"
         )
     return load_mvtec_task(data_root / category, name=category)
 
@@ -118,9 +114,7 @@ def resolve_task(spec: str, data_root: str | Path | None = None) -> TaskData:
         return load_mvtec_task(directory, name=task_name)
     if "/" in source or "\\" in source:
         suggested = Path(source).name or "NAME"
-        raise DatasetError(
-            f"task spec {spec!r} looks like a path; name the task: {suggested}={source}. {SPEC_HELP}"
-        )
+        raise DatasetError(f"task spec {spec!r} looks like a path; name the task: {suggested}={source}. {SPEC_HELP}")
     if ":" in source:
         raise _unknown_scheme(spec, source)
     return _from_category(source, root)

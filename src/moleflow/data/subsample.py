@@ -25,6 +25,8 @@ def subsample_task(task: TaskData, max_train: int, max_test: int) -> TaskData:
     if len(task.train) <= max_train and test == task.test:
         return task
     return dataclasses.replace(
-        task, train=_evenly(task.train, max_train), test=test,
+        task,
+        train=_evenly(task.train, max_train),
+        test=test,
         source=f"{task.source} (subsampled to {min(max_train, len(task.train))} train / {len(test)} test)",
     )

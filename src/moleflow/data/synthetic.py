@@ -164,9 +164,7 @@ def render_sample(
     if kind not in SYNTHETIC_KINDS or split not in SPLITS:
         raise DatasetError(f"unknown synthetic kind/split {kind!r}/{split!r}; kinds: {SYNTHETIC_KINDS}")
     if size < MIN_SIZE or seed < 0 or index < 0:
-        raise DatasetError(
-            f"synthetic: need size >= {MIN_SIZE}, seed >= 0, index >= 0; got {size}, {seed}, {index}"
-        )
+        raise DatasetError(f"synthetic: need size >= {MIN_SIZE}, seed >= 0, index >= 0; got {size}, {seed}, {index}")
     key = [seed, SYNTHETIC_KINDS.index(kind), SPLITS.index(split), index]
     image = render_normal(kind, np.random.default_rng([*key, _RENDER_STREAM]), size)
     if not defective:
@@ -177,9 +175,7 @@ def render_sample(
 
 def _array_sample(kind: str, split: str, index: int, size: int, seed: int, defective: bool) -> ArraySample:
     image, mask, defect = render_sample(kind, split, index, size, seed, defective)
-    return ArraySample(
-        name=f"{split}/{defect}/{index:04d}", label=int(defective), defect=defect, image=image, mask=mask
-    )
+    return ArraySample(name=f"{split}/{defect}/{index:04d}", label=int(defective), defect=defect, image=image, mask=mask)
 
 
 def make_synthetic_task(
@@ -195,9 +191,7 @@ def make_synthetic_task(
     ``name`` defaults to ``synthetic_KIND``. Images are ``(size, size, 3)`` uint8 with exact masks.
     """
     if kind not in SYNTHETIC_KINDS:
-        raise DatasetError(
-            f"unknown synthetic kind {kind!r}; expected one of {SYNTHETIC_KINDS}, e.g. synthetic:disc"
-        )
+        raise DatasetError(f"unknown synthetic kind {kind!r}; expected one of {SYNTHETIC_KINDS}, e.g. synthetic:disc")
     if n_train < 1 or n_test < 1:
         raise DatasetError(f"synthetic:{kind} needs n_train >= 1 and n_test >= 1; got {n_train}, {n_test}")
     train = tuple(_array_sample(kind, "train", i, size, seed, False) for i in range(n_train))

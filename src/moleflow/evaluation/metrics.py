@@ -142,9 +142,7 @@ def _quantize(scores: np.ndarray, num_thresholds: int) -> np.ndarray:
     return thresholds[np.clip(idx, 0, num_thresholds - 1)]
 
 
-def pro_curve(
-    maps: np.ndarray, masks: np.ndarray, num_thresholds: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(maps: np.ndarray, masks: np.ndarray, num_thresholds: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The exact per-region-overlap curve (see the module docstring for the definition).
 
     Args:
@@ -200,9 +198,7 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.sum(0.5 * (ys[1:] + ys[:-1]) * np.diff(xs)))
 
 
-def aupro(
-    maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3, num_thresholds: int | None = None
-) -> float:
+def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3, num_thresholds: int | None = None) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (Bergmann et al. 2021; module docstring).
 
     Args:

@@ -175,9 +175,7 @@ def routing_accuracy(true_tasks: Sequence[int], routed_tasks: Sequence[int]) -> 
     return hits / len(true_tasks)
 
 
-def routing_confusion(
-    true_tasks: Sequence[int], routed_tasks: Sequence[int], num_tasks: int
-) -> list[list[int]]:
+def routing_confusion(true_tasks: Sequence[int], routed_tasks: Sequence[int], num_tasks: int) -> list[list[int]]:
     """``num_tasks x num_tasks`` counts: ``confusion[true][routed]`` (rows = true task)."""
     _check_routing(true_tasks, routed_tasks, num_tasks)
     confusion = [[0] * num_tasks for _ in range(num_tasks)]
@@ -186,9 +184,7 @@ def routing_confusion(
     return confusion
 
 
-def routing_section(
-    true_tasks: Sequence[int], routed_tasks: Sequence[int], num_tasks: int
-) -> dict[str, object]:
+def routing_section(true_tasks: Sequence[int], routed_tasks: Sequence[int], num_tasks: int) -> dict[str, object]:
     """The "routing" section of results.json: ``{"accuracy": x | None, "confusion": [[...]]}``."""
     return {
         "accuracy": routing_accuracy(true_tasks, routed_tasks),

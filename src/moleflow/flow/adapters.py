@@ -24,9 +24,7 @@ class WhiteningAdapter(nn.Module):
     then an image's score would depend on the other images of its batch.
     """
 
-    def __init__(
-        self, dim: int, cfg: WhiteningConfig, gamma_raw: torch.Tensor, beta_raw: torch.Tensor
-    ) -> None:
+    def __init__(self, dim: int, cfg: WhiteningConfig, gamma_raw: torch.Tensor, beta_raw: torch.Tensor) -> None:
         super().__init__()
         self.dim = dim
         self.gamma_low, self.gamma_high = cfg.gamma_range

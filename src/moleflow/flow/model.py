@@ -41,9 +41,7 @@ class FlowOutput:
 
 def check_task_name(task: str) -> str:
     if not _TASK_NAME.match(task):
-        raise ValueError(
-            f"task name {task!r} must start with a letter or digit and use only letters, digits, '_' and '-'"
-        )
+        raise ValueError(f"task name {task!r} must start with a letter or digit and use only letters, digits, '_' and '-'")
     return task
 
 
@@ -129,9 +127,7 @@ class MoLEFlow(nn.Module):
     def positional(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
         key = (height, width, like.device, like.dtype)
         if key not in self._pe_cache:
-            self._pe_cache[key] = positional_encoding_2d(
-                height, width, self.dim, device=like.device, dtype=like.dtype
-            )
+            self._pe_cache[key] = positional_encoding_2d(height, width, self.dim, device=like.device, dtype=like.dtype)
         return self._pe_cache[key]
 
     def prepare(self, patches: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
