@@ -134,3 +134,67 @@ def test_new_task_in_moleflow_computes_the_base_flow() -> None:
     # the old (perturbed) task does differ from the base
     f3_old = model.adapt(model.prepare(patches), "old")
     assert not torch.allclose(model.flow(f3_old, "old")[0], model.flow(f3_old, None)[0])
+
+
+def _trained_layer() -> LoRALinear:
+    layer = make_layer()
+    layer.add_task("a")
+    layer.add_task("b")
+    perturb(layer, std=0.3)
+    return layer
+
+
+def _unmerged(layer: LoRALinear, x: torch.Tensor, task: str) -> torch.Tensor:
+    """The training path: base matmul plus the separate low-rank matmuls."""
+    low_rank = F.linear(F.linear(x, layer.lora_A[task]), layer.lora_B[task])
+    return F.linear(x, layer.base.weight, layer.effective_bias(task)) + layer.scale * low_rank
+
+
+def test_inference_uses_the_merged_weights_and_equals_the_training_path() -> None:
+    layer = _trained_layer().eval()
+    x = randn(4, 3, 6)
+    with torch.inference_mode():
+        merged = {t: layer(x, t) for t in ("a", "b")}
+    assert set(layer._merged) == {"a", "b"}  # folded once per task
+    for t in ("a", "b"):
+        torch.testing.assert_close(merged[t], _unmerged(layer, x, t), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(merged["a"], merged["b"])
+
+
+def test_merged_cache_is_not_used_while_training_or_with_autograd() -> None:
+    layer = _trained_layer()
+    x = randn(2, 6)
+    with torch.no_grad():
+        layer.train()(x, "a")
+    layer.eval()(x, "a")  # autograd on
+    assert layer._merged == {}
+
+
+def test_merged_cache_follows_parameter_updates() -> None:
+    layer = _trained_layer().eval()
+    x = randn(3, 6)
+    with torch.no_grad():
+        before = layer(x, "a")
+        layer.lora_B["a"].add_(0.5)  # in-place update in eval mode bumps the version counter
+        after_copy = layer(x, "a")
+    torch.testing.assert_close(after_copy, _unmerged(layer, x, "a"), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(before, after_copy)
+    # optimisers may write through .data (no version bump); they run in train mode, which drops the cache
+    layer.train()
+    layer.lora_A["a"].data.mul_(2.0)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, "a"), _unmerged(layer, x, "a"), rtol=1e-12, atol=1e-12)
+
+
+def test_training_after_inference_mode_still_backpropagates() -> None:
+    cfg = apply_overrides(preset("offline"), ["model.backbone.embed_dim=8", "model.flow.lora.rank=2"]).model
+    model = MoLEFlow(cfg).double().eval()
+    model.add_task("t")
+    x = randn(2, 3, 3, 8)
+    with torch.inference_mode():
+        model(x, "t")  # caches the positional encoding and merged weights
+    model.train()
+    out = model(x, "t")
+    (out.z.pow(2).sum() - out.logdet.sum()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

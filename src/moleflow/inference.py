@@ -21,7 +21,7 @@ class ScoredBatch:
     image_scores: torch.Tensor  # (B,)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_features(
     model: MoLEFlow,
     router: Router,

@@ -8,6 +8,13 @@ Because ``B_t`` starts at zero, a freshly added task computes exactly the base f
 
 Per-task tensors live in ``ParameterDict``s keyed by task name (the peft layout), so generic code can
 add, remove, freeze and save one task's tensors without touching the others.
+
+Deployment: in eval mode with autograd off (``torch.no_grad`` / ``torch.inference_mode``) a task's
+adapter is folded once into ``W_t = W + scale * B_t A_t`` and ``b_t = b + task_bias_t`` (peft's
+``merge``) and the layer runs one matmul instead of three. The folded pair is cached per task. The cache
+is dropped whenever the layer is put in train mode (optimizers may write through ``param.data``, which
+no version counter sees) and is keyed by the version counters of its source tensors, so an in-place
+update in eval mode (``load_state_dict``, ``copy_`` under ``no_grad``) rebuilds it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict()  # task -> (rank, in_features)
         self.lora_B = nn.ParameterDict()  # task -> (out_features, rank)
         self.task_bias = nn.ParameterDict()  # task -> (out_features,)
+        self._merged: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}  # task -> (key, W_t, b_t)
 
     def add_task(self, task: str) -> None:
         weight = self.base.weight
@@ -51,9 +59,14 @@ class LoRALinear(nn.Module):
             self.task_bias[task] = nn.Parameter(weight.new_zeros(self.out_features))
 
     def remove_task(self, task: str) -> None:
+        self._merged.pop(task, None)
         for container in (self.lora_A, self.lora_B, self.task_bias):
             if task in container:
                 del container[task]
+
+    def train(self, mode: bool = True) -> LoRALinear:
+        self._merged.clear()
+        return super().train(mode)
 
     def effective_bias(self, task: str | None) -> torch.Tensor:
         if task is not None and task in self.task_bias:
@@ -64,13 +77,29 @@ class LoRALinear(nn.Module):
         """``W + scale * B_t A_t`` of shape ``(out_features, in_features)``, for deployment of one task."""
         return self.base.weight + self.scale * (self.lora_B[task] @ self.lora_A[task])
 
+    def _merged_pair(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached ``(W_t (out, in), b_t (out,))`` for autograd-free inference."""
+        sources = [self.base.weight, self.base.bias, self.lora_A[task], self.lora_B[task]]
+        if task in self.task_bias:
+            sources.append(self.task_bias[task])
+        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in sources)
+        cached = self._merged.get(task)
+        if cached is None or cached[0] != key:
+            # plain tensors (not inference tensors), so the cache also serves later no_grad calls
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (key, self.merged_weight(task).detach(), self.effective_bias(task).detach())
+            self._merged[task] = cached
+        return cached[1], cached[2]
+
     def forward(self, x: torch.Tensor, task: str | None) -> torch.Tensor:
         """``x (..., in) -> (..., out)``; ``task=None`` evaluates the base function alone."""
+        if task is not None and task not in self.lora_A:
+            raise KeyError(f"task {task!r} has no LoRA adapter here; known tasks: {list(self.lora_A)}")
+        if task is not None and not self.training and not torch.is_grad_enabled():
+            return F.linear(x, *self._merged_pair(task))
         out = F.linear(x, self.base.weight, self.effective_bias(task))
         if task is None:
             return out
-        if task not in self.lora_A:
-            raise KeyError(f"task {task!r} has no LoRA adapter here; known tasks: {list(self.lora_A)}")
         low_rank = F.linear(F.linear(x, self.lora_A[task]), self.lora_B[task])
         return out + self.scale * low_rank
 

@@ -127,7 +127,8 @@ class MoLEFlow(nn.Module):
     def positional(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
         key = (height, width, like.device, like.dtype)
         if key not in self._pe_cache:
-            self._pe_cache[key] = positional_encoding_2d(height, width, self.dim, device=like.device, dtype=like.dtype)
+            with torch.inference_mode(False):  # a plain tensor, usable for training after inference
+                self._pe_cache[key] = positional_encoding_2d(height, width, self.dim, device=like.device, dtype=like.dtype)
         return self._pe_cache[key]
 
     def prepare(self, patches: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
