@@ -4,7 +4,9 @@ Each task keeps the mean ``mu_t`` and the precision ``(Sigma_t + reg I)^-1`` of 
 routing features (``G``-dim). Statistics are accumulated in a streaming way (Chan et al.'s pairwise
 update of mean and scatter, float64), so a task's features never need to sit in memory at once.
 An image goes to the task with the smallest (squared) Mahalanobis or Euclidean distance; every image
-of a batch is routed on its own.
+of a batch is routed on its own. Mahalanobis queries go through :class:`MahalanobisIndex` (exact
+argmin with a cheap lower bound, fast at many tasks); :meth:`Router.distances` is the direct float64
+evaluation, kept as the reference.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moleflow.config import RouterConfig
+from moleflow.routing_index import MahalanobisIndex
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Router:
     tasks: list[str] = field(default_factory=list)
     means: torch.Tensor | None = None  # (T, G) float64
     precisions: torch.Tensor | None = None  # (T, G, G) float64
+    _index: MahalanobisIndex | None = field(default=None, init=False, repr=False)  # rebuilt on change
 
     def add(self, task: str, mean: torch.Tensor, precision: torch.Tensor) -> None:
         if task in self.tasks:
@@ -93,12 +97,14 @@ class Router:
         self.means = mean if self.means is None else torch.cat([self.means, mean])
         self.precisions = precision if self.precisions is None else torch.cat([self.precisions, precision])
         self.tasks.append(task)
+        self._index = None
 
     def remove(self, task: str) -> None:
         i = self.tasks.index(task)
         keep = [j for j in range(len(self.tasks)) if j != i]
         self.means, self.precisions = self.means[keep], self.precisions[keep]
         self.tasks.pop(i)
+        self._index = None
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """Squared distances ``(B, T)`` of ``features (B, G)`` to every prototype."""
@@ -112,8 +118,21 @@ class Router:
             return torch.einsum("btg,tgh,bth->bt", diff, self.precisions, diff)
         raise ValueError(f"unknown router metric {self.cfg.metric!r}")
 
+    def index(self, device: torch.device | str | None = None) -> MahalanobisIndex:
+        """The Mahalanobis query structure on ``device`` (built once per set of tasks)."""
+        if not self.tasks:
+            raise RuntimeError("the router has no tasks yet")
+        device = torch.device(device) if device is not None else self.means.device
+        if self._index is None or self._index.chol.device != device:
+            self._index = MahalanobisIndex.build(self.means, self.precisions).to(device)
+        return self._index
+
     def route(self, features: torch.Tensor) -> torch.Tensor:
         """Index into ``self.tasks`` of the nearest prototype per image, ``(B,)`` long."""
+        if self.cfg.metric == "mahalanobis":
+            if not torch.isfinite(features).all():
+                raise ValueError("routing features contain NaN or inf; check the backbone input images")
+            return self.index(features.device).nearest(features.detach())[0]
         return self.distances(features).argmin(dim=1)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
