@@ -16,14 +16,17 @@ def _small(name: str, dim: int = 64, rank: int = 8, layers: int = 2):
     return cfg
 
 
-def _counted(cfg, grid, context_dim=None, batch=2) -> int:
+def _counted(cfg, grid, context_dim=None, batch=2, training: bool = False) -> int:
+    """FLOPs per image that torch counts: deployed inference (merged adapters) or a training forward."""
     torch.manual_seed(0)
-    model = MoLEFlow(cfg, context_dim).eval()
+    model = MoLEFlow(cfg, context_dim).train(training)
     model.add_task("a")
     patches = torch.randn(batch, *grid, cfg.backbone.embed_dim)
     context = torch.randn(batch, *grid, context_dim) if context_dim else None
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(patches, "a", context)
+    with torch.set_grad_enabled(training):
+        model(patches, "a", context)  # inference folds the adapters once, on the first call
+        with FlopCounterMode(display=False) as counter:
+            model(patches, "a", context)
     return counter.get_total_flops() // batch
 
 
@@ -31,11 +34,12 @@ def _counted(cfg, grid, context_dim=None, batch=2) -> int:
     "name, context_dim",
     [("v5", None), ("offline", None), ("paper", 96)],
 )
-def test_head_flops_matches_flop_counter(name, context_dim):
+@pytest.mark.parametrize("training", [True, False])
+def test_head_flops_matches_flop_counter(name, context_dim, training):
     cfg = _small(name)
     grid = (6, 5)
-    analytic = head_flops(cfg, grid, context_dim)
-    counted = _counted(cfg, grid, context_dim)
+    analytic = head_flops(cfg, grid, context_dim, with_lora=training)
+    counted = _counted(cfg, grid, context_dim, training=training)
     assert analytic == pytest.approx(counted, rel=0.02)
 
 
@@ -45,7 +49,7 @@ def test_head_flops_paper_context_subnet_without_dia_and_mixer():
     cfg.spatial_mixer = None
     cfg.scale_context = None
     grid = (4, 4)
-    assert head_flops(cfg, grid) == pytest.approx(_counted(cfg, grid), rel=0.02)
+    assert head_flops(cfg, grid, with_lora=False) == pytest.approx(_counted(cfg, grid), rel=0.02)
 
 
 def test_head_flops_scales_with_grid_and_lora():

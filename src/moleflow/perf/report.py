@@ -1,0 +1,130 @@
+"""Markdown report of a ``moleflow bench`` result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _si(x: float, unit: str = "") -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.2f} {prefix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def to_markdown(result: dict) -> str:
+    """A human-readable report of a :func:`run_bench` result; sections missing from ``result`` are skipped."""
+    lines = ["# moleflow bench" + (" (quick)" if result.get("quick") else ""), ""]
+    env = result.get("environment", {})
+    if env:
+        lines += [", ".join(f"{k}: {v}" for k, v in env.items()), ""]
+    ceil = result.get("ceiling")
+    if ceil:
+        lines += [
+            "## Machine ceiling",
+            "",
+            f"{ceil['size']}x{ceil['size']} matmul in {ceil['dtype']}: **{_si(ceil['flops_per_s'], 'FLOP/s')}**",
+            "",
+        ]
+    if result.get("head"):
+        lines += ["## Flow head (inference, DIA + patch scores)", ""]
+        lines += _table(
+            ["preset", "D", "batch", "images/s", "ms/image", "FLOPs/image", "achieved", "efficiency"],
+            [
+                [
+                    h["preset"],
+                    h["embed_dim"],
+                    h["batch"],
+                    f"{h['images_per_s']:.1f}",
+                    f"{h['ms_per_image']:.2f}",
+                    _si(h["head_flops"]),
+                    _si(h["achieved_flops_per_s"], "FLOP/s"),
+                    f"{100 * h['head_efficiency']:.1f}%",
+                ]
+                for h in result["head"]
+            ],
+        )
+    if result.get("train"):
+        lines += ["## Training step of the head (first task, analytic cost = 3 x forward)", ""]
+        lines += _table(
+            ["preset", "optimizer", "batch", "steps/s", "images/s", "achieved", "efficiency"],
+            [
+                [
+                    t["preset"],
+                    t["optimizer"],
+                    t["batch"],
+                    f"{t['steps_per_s']:.2f}",
+                    f"{t['images_per_s']:.1f}",
+                    _si(t["achieved_flops_per_s"], "FLOP/s"),
+                    f"{100 * t['train_efficiency']:.1f}%",
+                ]
+                for t in result["train"]
+            ],
+        )
+    if result.get("end_to_end"):
+        lines += ["## End to end (uint8 images -> anomaly maps)", ""]
+        rows = []
+        for e in result["end_to_end"]:
+            if e.get("status") == "ok":
+                rows.append([e["backbone"], e["batch"], f"{e['images_per_s']:.1f}", f"{e['ms_per_image']:.1f}"])
+            else:
+                rows.append([e["backbone"], "-", e.get("status", "?"), e.get("reason", "")])
+        lines += _table(["backbone", "batch", "images/s", "ms/image"], rows)
+    if result.get("routing"):
+        lines += ["## Routing cost per image (batch 1, Mahalanobis, float64)", ""]
+        rows = []
+        for r in result["routing"]:
+            if r.get("status") == "ok":
+                rows.append(
+                    [
+                        r["dim"],
+                        r["tasks"],
+                        _si(r["precision_bytes"], "B"),
+                        f"{r['ms_per_image']:.3f}",
+                        f"{r['ratio_to_head']:.2f}",
+                    ]
+                )
+            else:
+                rows.append([r["dim"], r["tasks"], _si(r["precision_bytes"], "B"), r.get("status", "?"), "-"])
+        lines += _table(["G", "tasks", "precisions", "ms/image", "/ offline head"], rows)
+    per_task = result.get("per_task")
+    if per_task:
+        lines += ["## Per task", ""]
+        lines += _table(
+            ["preset", "per-task params", "task file", "first-task trainable", "base params"],
+            [
+                [
+                    p["preset"],
+                    f"{p['per_task_parameters']:,}",
+                    _si(p["task_file_bytes"], "B"),
+                    f"{p['first_task_trainable']:,}",
+                    f"{p['base_parameters']:,}",
+                ]
+                for p in per_task.get("presets", [])
+            ],
+        )
+        learn = per_task.get("learn")
+        if learn:
+            note = (
+                f" (extrapolated from {learn['epochs_run']} epoch(s), {learn['seconds_run']:.1f} s)"
+                if learn["extrapolated"]
+                else ""
+            )
+            lines += [
+                f"Learning a {learn['images']}-image task ({learn['preset']}, {learn['epochs_preset']} epochs, cached "
+                f"features): **{learn['seconds_for_preset_epochs']:.0f} s**{note}",
+                "",
+            ]
+    mem = result.get("memory")
+    if mem:
+        lines += ["## Peak memory", ""] + [f"- {k}: {_si(v, 'B')}" for k, v in mem.items()] + [""]
+    if "total_seconds" in result:
+        secs = ", ".join(f"{k} {v:.1f}s" for k, v in result.get("section_seconds", {}).items())
+        lines += [f"Total: {result['total_seconds']:.1f} s ({secs})", ""]
+    return "\n".join(lines)
