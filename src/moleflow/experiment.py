@@ -86,6 +86,7 @@ class ContinualExperiment:
         self.device = resolve_device(cfg.device)
         self.extractor = FeatureExtractor(cfg.model.backbone).to(self.device)
         self.need_context = cfg.model.scale_context is not None
+        torch.manual_seed(cfg.train.seed)  # the shared base flow is initialised here: reproducible runs
         self.model = MoLEFlow(cfg.model, self.extractor.context_dim if self.need_context else None).to(self.device)
         self.router = Router(cfg.router)
         self.trainer = ContinualTrainer(self.model, self.router, cfg, self.device)
