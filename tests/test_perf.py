@@ -61,8 +61,9 @@ def test_head_flops_scales_with_grid_and_lora():
 
 
 def test_ceiling_smoke():
-    out = measure_ceiling("cpu", size=64, reps=2, warmup=1)
-    assert out["size"] == 64 and out["dtype"] == "float32"
+    out = measure_ceiling("cpu", sizes=(32, 64), reps=2, warmup=1)
+    assert out["size"] in (32, 64) and out["dtype"] == "float32"
+    assert out["flops_per_s"] == max(out["by_size"].values())
     assert out["flops_per_s"] > 0 and out["seconds"] > 0
 
 
@@ -107,9 +108,27 @@ def test_to_markdown_on_fake_result():
                 "precision_bytes": 2_257_920,
                 "status": "ok",
                 "ms_per_image": 0.1,
-                "ratio_to_head": 0.01,
+                "direct_ms_per_image": 0.4,
+                "speedup": 4.0,
+                "tasks_evaluated": 1.5,
+                "batch": 8,
+                "batch_ms_per_image": 0.02,
+                "share_of_inference": 0.002,
+                "batch_share_of_inference": 0.0007,
+                "agrees_with_direct": True,
             },
             {"dim": 768, "tasks": 1000, "precision_bytes": 4_718_592_000, "status": "skipped (quick mode on CPU)"},
+        ],
+        "optimizations": [
+            {
+                "change": "merged LoRA",
+                "before": "separate",
+                "after": "merged",
+                "before_ms": 3.0,
+                "after_ms": 1.5,
+                "speedup": 2.0,
+                "max_abs_diff": 1e-6,
+            }
         ],
         "per_task": {
             "presets": [
@@ -140,4 +159,22 @@ def test_to_markdown_on_fake_result():
     assert "35.0%" in text and "5.20 GFLOP/s" in text
     assert "unavailable" in text and "skipped (quick mode on CPU)" in text
     assert "extrapolated" in text and "**80 s**" in text
+    assert "| 4.0x | 1.5 | 0.2% |" in text  # routing: speed-up, tasks evaluated, share of inference
+    assert "| merged LoRA | separate | merged | 3.0 | 1.5 | 2.00x | max abs diff 1e-06 |" in text
     assert to_markdown({}).startswith("# moleflow bench")
+
+
+def test_synthetic_router_precisions_invert_the_covariances_and_queries_route_home():
+    from moleflow.perf.sections import synthetic_router
+
+    router, sample = synthetic_router(preset("offline"), dim=12, tasks=5, device=torch.device("cpu"), rank=3)
+    assert router.precisions.shape == (5, 12, 12)
+    assert torch.allclose(router.precisions, router.precisions.transpose(1, 2))
+    assert (torch.linalg.eigvalsh(router.precisions) > 0).all()
+    # the Woodbury precision of U U^T + 0.25 I has eigenvalue 1/0.25 = 4 on the complement of U (dim - rank)
+    top = torch.linalg.eigvalsh(router.precisions)[:, -(12 - 3) :]
+    torch.testing.assert_close(top, torch.full_like(top, 4.0), rtol=1e-9, atol=1e-9)
+    x = sample(200)
+    assert x.shape == (200, 12) and x.dtype == torch.float32
+    nearest = router.distances(x).argmin(dim=1)
+    assert torch.equal(router.route(x), nearest)

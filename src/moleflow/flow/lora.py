@@ -96,6 +96,8 @@ class LoRALinear(nn.Module):
         if task is not None and task not in self.lora_A:
             raise KeyError(f"task {task!r} has no LoRA adapter here; known tasks: {list(self.lora_A)}")
         if task is not None and not self.training and not torch.is_grad_enabled():
+            if torch.compiler.is_compiling():  # traced graphs fold per call (no per-patch cost), no cache guards
+                return F.linear(x, self.merged_weight(task), self.effective_bias(task))
             return F.linear(x, *self._merged_pair(task))
         out = F.linear(x, self.base.weight, self.effective_bias(task))
         if task is None:

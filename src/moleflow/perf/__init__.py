@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from moleflow.perf.flops import head_flops
+from moleflow.perf.optimizations import run_optimizations
 from moleflow.perf.report import to_markdown
 from moleflow.perf.sections import (
     PRESET_NAMES,
@@ -54,7 +55,9 @@ from moleflow.perf.sections import (
 from moleflow.perf.timing import environment, measure_ceiling, peak_memory, resolve_device
 
 
-def run_bench(quick: bool, device: str = "auto", log: Callable[[str], None] | None = None) -> dict:
+def run_bench(
+    quick: bool, device: str = "auto", log: Callable[[str], None] | None = None, compile_head: bool = False
+) -> dict:
     """Run every section; returns a JSON-safe dict (see the module docstring)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     dev = resolve_device(device)
@@ -79,9 +82,14 @@ def run_bench(quick: bool, device: str = "auto", log: Callable[[str], None] | No
     result["head"] = section("head", lambda: [bench_head(n, dev, batch, ceiling, reps) for n in PRESET_NAMES])
     result["train"] = section("train", lambda: [bench_train(n, dev, train_batch, ceiling, reps) for n in PRESET_NAMES])
     result["end_to_end"] = section("end_to_end", lambda: bench_end_to_end(dev, (1, 8 if quick else 64), 2 if quick else 5))
-    offline_ms = next(h["ms_per_image"] for h in result["head"] if h["preset"] == "offline")
-    result["routing"] = section("routing", lambda: bench_routing(dev, quick, offline_ms))
+    routed_ms = {
+        e["batch"]: e["ms_per_image"]
+        for e in result["end_to_end"]
+        if e["backbone"] == "efficientnet_lite2" and e["status"] == "ok"
+    }
+    result["routing"] = section("routing", lambda: bench_routing(dev, quick, routed_ms))
     result["per_task"] = section("per_task", lambda: bench_per_task(dev, quick))
+    result["optimizations"] = section("optimizations", lambda: run_optimizations(dev, quick, compile_head))
     result["memory"] = peak_memory(dev)
     result["section_seconds"] = sections
     result["total_seconds"] = time.perf_counter() - start
@@ -94,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the raw result as JSON")
     parser.add_argument("--markdown", type=Path, help="write the report as Markdown")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--compile", action="store_true", help="also time the head under torch.compile (slow to build)")
     args = parser.parse_args(argv)
-    result = run_bench(args.quick, args.device)
+    result = run_bench(args.quick, args.device, compile_head=args.compile)
     text = to_markdown(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -77,22 +77,51 @@ def to_markdown(result: dict) -> str:
                 rows.append([e["backbone"], "-", e.get("status", "?"), e.get("reason", "")])
         lines += _table(["backbone", "batch", "images/s", "ms/image"], rows)
     if result.get("routing"):
-        lines += ["## Routing cost per image (batch 1, Mahalanobis, float64)", ""]
+        lines += [
+            "## Routing cost per image vs learned tasks (Mahalanobis; synthetic prototypes shaped like real ones)",
+            "",
+            "`direct`: float64 evaluation over every task (before); `index`: exact Cholesky index with lower-bound "
+            "pruning (now); `share`: index time / routed end-to-end inference time per image (efficientnet_lite2).",
+            "",
+        ]
         rows = []
         for r in result["routing"]:
             if r.get("status") == "ok":
+                share = r.get("share_of_inference")
                 rows.append(
                     [
                         r["dim"],
                         r["tasks"],
                         _si(r["precision_bytes"], "B"),
+                        f"{r['direct_ms_per_image']:.3f}",
                         f"{r['ms_per_image']:.3f}",
-                        f"{r['ratio_to_head']:.2f}",
+                        f"{r['speedup']:.1f}x",
+                        f"{r['tasks_evaluated']:.1f}",
+                        "-" if share is None else f"{100 * share:.1f}%",
+                        f"{r['batch_ms_per_image']:.3f}",
+                        f"{100 * r['batch_share_of_inference']:.1f}%",
+                        "yes" if r["agrees_with_direct"] else "NO",
                     ]
                 )
             else:
-                rows.append([r["dim"], r["tasks"], _si(r["precision_bytes"], "B"), r.get("status", "?"), "-"])
-        lines += _table(["G", "tasks", "precisions", "ms/image", "/ offline head"], rows)
+                rows.append([r["dim"], r["tasks"], _si(r["precision_bytes"], "B"), r.get("status", "?")] + ["-"] * 7)
+        batch = next((r["batch"] for r in result["routing"] if r.get("status") == "ok"), "B")
+        lines += _table(
+            [
+                "G",
+                "tasks",
+                "precisions",
+                "direct ms",
+                "index ms",
+                "speed-up",
+                "tasks evaluated",
+                "share (batch 1)",
+                f"ms/img (batch {batch})",
+                f"share (batch {batch})",
+                "same decisions",
+            ],
+            rows,
+        )
     per_task = result.get("per_task")
     if per_task:
         lines += ["## Per task", ""]
@@ -121,6 +150,28 @@ def to_markdown(result: dict) -> str:
                 f"features): **{learn['seconds_for_preset_epochs']:.0f} s**{note}",
                 "",
             ]
+    if result.get("optimizations"):
+        lines += ["## Optimisations: before / after, measured in this run", ""]
+        rows = []
+        for o in result["optimizations"]:
+            check = ""
+            if "max_abs_diff" in o:
+                check = f"max abs diff {o['max_abs_diff']:.2g}"
+            for key in ("same_decisions", "identical_features"):
+                if key in o:
+                    check = f"{key.replace('_', ' ')}: {'yes' if o[key] else 'NO'}"
+            rows.append(
+                [
+                    o["change"],
+                    o["before"],
+                    o["after"],
+                    f"{o['before_ms']:.1f}",
+                    f"{o['after_ms']:.1f}",
+                    f"{o['speedup']:.2f}x",
+                    check,
+                ]
+            )
+        lines += _table(["change", "before", "after", "before ms", "after ms", "speed-up", "outputs"], rows)
     mem = result.get("memory")
     if mem:
         lines += ["## Peak memory", ""] + [f"- {k}: {_si(v, 'B')}" for k, v in mem.items()] + [""]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,17 +116,35 @@ def bench_train(name: str, device: torch.device, batch: int, ceiling: float, rep
     }
 
 
-def _random_router(cfg: MoleFlowConfig, dim: int, tasks: int, device: torch.device, seed: int = 0):
+def synthetic_router(
+    cfg: MoleFlowConfig, dim: int, tasks: int, device: torch.device, seed: int = 0, rank: int = 8
+) -> tuple[Any, Callable[[int], torch.Tensor]]:
+    """A router with ``tasks`` prototypes shaped like real ones, and a sampler of in-distribution queries.
+
+    Task t: mean ``mu_t ~ N(0, 4 I)``, covariance ``U_t U_t^T + 0.25 I`` with ``U_t (G, rank) ~ N(0, 1)``
+    (a few directions of variation over a floor, as the OAS-shrunk covariance of real features); the
+    precision is its exact inverse (Woodbury). ``sample(n)`` draws ``n`` images from random tasks.
+    """
     from moleflow.routing import Router
 
-    router = Router(cfg.router)
     gen = torch.Generator().manual_seed(seed)
-    means = torch.randn(tasks, dim, generator=gen, dtype=torch.float64)
-    diag = 0.5 + torch.rand(tasks, dim, generator=gen, dtype=torch.float64)
+    f64 = torch.float64
+    means = 2.0 * torch.randn(tasks, dim, generator=gen, dtype=f64)
+    factors = torch.randn(tasks, dim, rank, generator=gen, dtype=f64)
+    floor = 0.25
+    inner = floor * torch.eye(rank, dtype=f64) + factors.transpose(1, 2) @ factors  # (T, r, r)
+    precisions = (torch.eye(dim, dtype=f64) - factors @ torch.linalg.solve(inner, factors.transpose(1, 2))) / floor
+    router = Router(cfg.router)
     router.tasks = [f"t{i}" for i in range(tasks)]
-    router.means = means.to(device)
-    router.precisions = torch.diag_embed(diag).to(device)  # (T, G, G), SPD; content does not change the cost
-    return router
+    router.means, router.precisions = means.to(device), (0.5 * (precisions + precisions.transpose(1, 2))).to(device)
+
+    def sample(n: int) -> torch.Tensor:
+        t = torch.randint(0, tasks, (n,), generator=gen)
+        z = torch.randn(n, rank, 1, generator=gen, dtype=f64)
+        x = means[t] + (factors[t] @ z)[..., 0] + floor**0.5 * torch.randn(n, dim, generator=gen, dtype=f64)
+        return x.float().to(device)
+
+    return router, sample
 
 
 def _e2e_configs() -> list[tuple[str, MoleFlowConfig]]:
@@ -138,57 +159,79 @@ def _e2e_configs() -> list[tuple[str, MoleFlowConfig]]:
     ]
 
 
-def _e2e_pass(extractor, model, router, use_pooled: bool, images, size: tuple[int, int], sigma: float):
-    """uint8 images -> routed anomaly maps (B, *size); every routed task runs on its own images."""
-    from moleflow.scoring import anomaly_maps, patch_scores
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How end-to-end inference runs: bf16 autocast and channels-last are the GPU defaults."""
 
-    with torch.inference_mode():
-        f = extractor(extractor.preprocess(images))
-        if use_pooled:
-            rfeat = f.pooled
-        else:
-            p = f.patches + model.positional(f.patches.shape[1], f.patches.shape[2], f.patches)
-            rfeat = p.mean(dim=(1, 2))
-        idx = router.route(rfeat)
-        scores = torch.empty(f.patches.shape[:3], device=f.patches.device)
-        for t in idx.unique().tolist():
-            sel = idx == t
-            ctx = None if f.context is None else f.context[sel]
-            out = model(f.patches[sel], router.tasks[t], ctx)
-            scores[sel] = patch_scores(out.z, out.logdet)
-        return anomaly_maps(scores, size, sigma)
+    bf16: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> InferenceOptions:
+        return cls(bf16=device.type == "cuda", channels_last=device.type == "cuda")
+
+    def label(self) -> str:
+        return ("bf16" if self.bf16 else "fp32") + (" channels-last" if self.channels_last else "")
 
 
-def bench_end_to_end(device: torch.device, batches: tuple[int, ...], reps: int) -> list[dict]:
-    from moleflow.features.backbones import BackboneUnavailableError, BackboneWeightsError
+def _e2e_pass(extractor, model, router, cfg: MoleFlowConfig, images, options: InferenceOptions):
+    """uint8 images -> routed anomaly maps (B, S, S) through the production scoring path."""
+    from moleflow.features.cache import CachedFeatures
+    from moleflow.inference import score_features
+    from moleflow.scoring import anomaly_maps
+
+    device = extractor.mean.device
+    size = cfg.model.backbone.image_size
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
+        x = extractor.preprocess(images)
+        if options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        f = extractor(x)
+        feats = CachedFeatures(f.patches.float(), None if f.context is None else f.context.float(), f.pooled.float())
+        scored = score_features(model, router, feats, cfg.scoring)
+        return anomaly_maps(scored.patch_scores.float(), (size, size), cfg.scoring.smoothing_sigma)
+
+
+def e2e_setup(cfg: MoleFlowConfig, device: torch.device, options: InferenceOptions, tasks: int = 4):
+    """(extractor, head with ``tasks`` tasks, router over them) for end-to-end timing."""
     from moleflow.features.extractor import FeatureExtractor
 
+    extractor = FeatureExtractor(cfg.model.backbone).to(device)
+    if options.channels_last:
+        extractor = extractor.to(memory_format=torch.channels_last)
+    model = build_head(cfg, device, tasks=tasks, context_dim=extractor.context_dim)
+    use_pooled = cfg.router.feature == "backbone_pooled"
+    router, _ = synthetic_router(cfg, extractor.pooled_dim if use_pooled else extractor.embed_dim, tasks, device)
+    return extractor, model, router
+
+
+def random_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def bench_end_to_end(
+    device: torch.device, batches: tuple[int, ...], reps: int, options: InferenceOptions | None = None
+) -> list[dict]:
+    from moleflow.features.backbones import BackboneUnavailableError, BackboneWeightsError
+
+    options = options or InferenceOptions.for_device(device)
     rows = []
     for label, cfg in _e2e_configs():
         try:
-            extractor = FeatureExtractor(cfg.model.backbone).to(device)
+            extractor, model, router = e2e_setup(cfg, device, options)
         except (BackboneUnavailableError, BackboneWeightsError) as e:
             rows.append({"backbone": label, "status": "unavailable", "reason": str(e).splitlines()[0][:200]})
             continue
-        n_tasks = 4
-        model = build_head(cfg, device, tasks=n_tasks, context_dim=extractor.context_dim)
-        use_pooled = cfg.router.feature == "backbone_pooled"
-        router_dim = extractor.pooled_dim if use_pooled else extractor.embed_dim
-        router = _random_router(cfg, router_dim, n_tasks, device)
-        size = cfg.model.backbone.image_size
-        rng = np.random.default_rng(0)
-
         for batch in batches:
-            images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
-
-            run = functools.partial(
-                _e2e_pass, extractor, model, router, use_pooled, images, (size, size), cfg.scoring.smoothing_sigma
-            )
+            images = random_images(batch, cfg.model.backbone.image_size)
+            run = functools.partial(_e2e_pass, extractor, model, router, cfg, images, options)
             seconds = time_fn(run, device, warmup=1, reps=reps)
             rows.append(
                 {
                     "backbone": label,
                     "status": "ok",
+                    "precision": options.label(),
                     "batch": batch,
                     "images_per_s": batch / seconds,
                     "ms_per_image": 1e3 * seconds / batch,
@@ -198,25 +241,68 @@ def bench_end_to_end(device: torch.device, batches: tuple[int, ...], reps: int) 
 
 
 def bench_routing(
-    device: torch.device, quick: bool, offline_head_ms: float, task_counts=(1, 10, 100, 1000), dims=(168, 768)
+    device: torch.device,
+    quick: bool,
+    routed_ms: dict[int, float],
+    task_counts=(1, 10, 100, 1000),
+    dims=(168, 768),
 ) -> list[dict]:
+    """Router time per image against the number of tasks, at batch 1 and at a large batch.
+
+    ``routed_ms``: ms per image of routed end-to-end inference by batch size (the offline backbone),
+    the denominator of ``share_of_inference``. ``direct_*``: the exhaustive float64 evaluation that the
+    index replaces (the "before").
+    """
     cfg = preset("offline")
+    big = max(routed_ms)
     rows = []
     for dim in dims:
         for tasks in task_counts:
             nbytes = tasks * dim * dim * 8
             row: dict[str, Any] = {"dim": dim, "tasks": tasks, "precision_bytes": nbytes}
-            if (quick and device.type == "cpu" and nbytes > 1e9) or nbytes > 0.25 * _free_memory(device):
+            if (quick and device.type == "cpu" and nbytes > 1e9) or 3 * nbytes > 0.5 * _free_memory(device):
                 row["status"] = "skipped (quick mode on CPU)" if quick else "skipped (memory)"
                 rows.append(row)
                 continue
-            router = _random_router(cfg, dim, tasks, device)
-            x = torch.randn(1, dim, device=device)
-            seconds = time_fn(lambda router=router, x=x: router.route(x), device, warmup=2, reps=5 if quick else 20)
-            row.update(status="ok", ms_per_image=1e3 * seconds, ratio_to_head=1e3 * seconds / offline_head_ms)
+            router, sample = synthetic_router(cfg, dim, tasks, device)
+            row.update(_time_routing(router, sample, device, quick, big, routed_ms))
             rows.append(row)
             del router
     return rows
+
+
+def _time_routing(router, sample, device: torch.device, quick: bool, big: int, routed_ms: dict[int, float]) -> dict:
+    start = time.perf_counter()
+    index = router.index(device)
+    build_s = time.perf_counter() - start
+    singles = [sample(1) for _ in range(5 if quick else 20)]
+    batch = sample(big)
+    evaluated = [index.nearest(x)[1] for x in singles]
+    reps = 3 if quick else 10
+
+    def per_image(fn, queries) -> float:
+        return statistics.median(time_fn(lambda x=x: fn(x), device, warmup=1, reps=reps) for x in queries)
+
+    def direct(x: torch.Tensor) -> torch.Tensor:
+        return router.distances(x).argmin(dim=1)
+
+    t1, d1 = per_image(router.route, singles), per_image(direct, singles[:3])
+    tb = time_fn(lambda: router.route(batch), device, warmup=1, reps=reps) / big
+    db = time_fn(lambda: direct(batch), device, warmup=1, reps=reps) / big
+    return {
+        "status": "ok",
+        "index_build_s": build_s,
+        "ms_per_image": 1e3 * t1,
+        "direct_ms_per_image": 1e3 * d1,
+        "speedup": d1 / t1,
+        "tasks_evaluated": statistics.mean(evaluated),
+        "batch": big,
+        "batch_ms_per_image": 1e3 * tb,
+        "batch_direct_ms_per_image": 1e3 * db,
+        "agrees_with_direct": bool(torch.equal(router.route(batch), direct(batch))),
+        "share_of_inference": 1e3 * t1 / routed_ms[1] if 1 in routed_ms else None,
+        "batch_share_of_inference": 1e3 * tb / routed_ms[big],
+    }
 
 
 def bench_per_task(device: torch.device, quick: bool, n_images: int = 300) -> dict:
