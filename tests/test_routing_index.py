@@ -47,15 +47,16 @@ def test_nearest_equals_the_exhaustive_argmin(bound_rank):
     router, x = _prototypes(30, seed=2)
     queries = torch.cat([x, 10 * torch.randn(50, G, dtype=torch.float64)])  # near tasks and far from all
     index = MahalanobisIndex.build(router.means, router.precisions, bound_rank=bound_rank)
-    nearest, evaluated = index.nearest(queries)
+    nearest, evaluated = index.nearest(queries, exhaustive_below=0)
     assert torch.equal(nearest, router.distances(queries).argmin(dim=1))
     assert 1 <= evaluated <= 30
+    assert torch.equal(index.nearest(queries)[0], nearest)  # the exhaustive path (few tasks) agrees
 
 
 def test_single_queries_evaluate_few_tasks_exactly():
     router, x = _prototypes(60, seed=3)
     index = router.index()
-    counts = [index.nearest(x[i : i + 1])[1] for i in range(0, len(x), 97)]
+    counts = [index.nearest(x[i : i + 1], exhaustive_below=0)[1] for i in range(0, len(x), 97)]
     assert max(counts) < 10  # out of 60
 
 
@@ -68,8 +69,10 @@ def test_router_rebuilds_its_index_when_tasks_change():
     router.add("far", *acc.finalize(1e-5, "oas"))
     assert router.index() is not first and router.index().num_tasks == 4
     assert (router.route(x[:40] + 100.0) == 3).all()
+    kept = router._factors["t0"]
     router.remove("far")
     assert router.index().num_tasks == 3
+    assert set(router._factors) == {"t0", "t1", "t2"} and router._factors["t0"] is kept  # decomposed once
     assert torch.equal(router.route(x), router.distances(x).argmin(dim=1))
     with pytest.raises(ValueError, match="NaN"):
         router.route(torch.full((1, G), float("nan")))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moleflow.config import RouterConfig
-from moleflow.routing_index import MahalanobisIndex
+from moleflow.routing_index import MahalanobisIndex, TaskFactors
 
 
 @dataclass
@@ -87,6 +87,7 @@ class Router:
     means: torch.Tensor | None = None  # (T, G) float64
     precisions: torch.Tensor | None = None  # (T, G, G) float64
     _index: MahalanobisIndex | None = field(default=None, init=False, repr=False)  # rebuilt on change
+    _factors: dict[str, TaskFactors] = field(default_factory=dict, init=False, repr=False)  # per task, once
 
     def add(self, task: str, mean: torch.Tensor, precision: torch.Tensor) -> None:
         if task in self.tasks:
@@ -103,7 +104,7 @@ class Router:
         i = self.tasks.index(task)
         keep = [j for j in range(len(self.tasks)) if j != i]
         self.means, self.precisions = self.means[keep], self.precisions[keep]
-        self.tasks.pop(i)
+        self._factors.pop(self.tasks.pop(i), None)
         self._index = None
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
@@ -124,7 +125,11 @@ class Router:
             raise RuntimeError("the router has no tasks yet")
         device = torch.device(device) if device is not None else self.means.device
         if self._index is None or self._index.chol.device != device:
-            self._index = MahalanobisIndex.build(self.means, self.precisions).to(device)
+            for task, precision in zip(self.tasks, self.precisions, strict=True):
+                if task not in self._factors:  # decomposed once per task, not at every rebuild
+                    self._factors[task] = TaskFactors.of(precision.cpu())
+            factors = [self._factors[t] for t in self.tasks]
+            self._index = MahalanobisIndex.from_factors(self.means.cpu(), factors).to(device)
         return self._index
 
     def route(self, features: torch.Tensor) -> torch.Tensor:

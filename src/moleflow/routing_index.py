@@ -32,11 +32,30 @@ import torch
 
 BOUND_RANK = 16  # k: eigen-directions kept exactly in the lower bound
 _MARGIN = 1e-4  # relative margin for float32 rounding when comparing bounds with distances
+EXHAUSTIVE_BELOW = 1 << 20  # T * G^2 up to which every task is evaluated exactly (4 MB of factors)
+
+
+@dataclass(frozen=True)
+class TaskFactors:
+    """What the index needs of one task's precision ``P (G, G)``, computed once per task (float64)."""
+
+    chol: torch.Tensor  # (G, G) lower triangular, P = chol @ chol.T
+    basis: torch.Tensor  # (G, k) columns sqrt(lam_{k+1} - lam_i) v_i for the k smallest eigenpairs
+    floor: float  # lam_{k+1}
+
+    @classmethod
+    def of(cls, precision: torch.Tensor, bound_rank: int = BOUND_RANK) -> TaskFactors:
+        g = precision.shape[0]
+        k = max(0, min(bound_rank, g - 1))
+        evals, evecs = torch.linalg.eigh(precision)  # ascending
+        floor = evals[k]
+        weights = (floor - evals[:k]).clamp_min(0).sqrt()
+        return cls(torch.linalg.cholesky(precision), evecs[:, :k] * weights, float(floor))
 
 
 @dataclass
 class MahalanobisIndex:
-    """Query structure built from ``means (T, G)`` and ``precisions (T, G, G)`` (float64)."""
+    """Query structure over ``T`` tasks: prototype means and each task's :class:`TaskFactors`."""
 
     centre: torch.Tensor  # (G,) float32, mean of the prototypes
     chol: torch.Tensor  # (G, T*G) float32, column block t = L_t with P_t = L_t L_t^T
@@ -44,7 +63,7 @@ class MahalanobisIndex:
     means: torch.Tensor  # (T, G) float32, mu_t - c
     mean_sq: torch.Tensor  # (T,) float32, ||mu_t - c||^2
     floor: torch.Tensor  # (T,) float32, lam_{k+1} of P_t
-    bound_basis: torch.Tensor  # (G, T*k) float32, column block t = sqrt(lam_{k+1} - lam_i) v_i, i <= k
+    bound_basis: torch.Tensor  # (G, T*k) float32, column block t = TaskFactors.basis of task t
     bound_means: torch.Tensor  # (T, k) float32, bound_basis_t^T (mu_t - c)
 
     @property
@@ -53,27 +72,29 @@ class MahalanobisIndex:
 
     @classmethod
     def build(cls, means: torch.Tensor, precisions: torch.Tensor, bound_rank: int = BOUND_RANK) -> MahalanobisIndex:
+        """From ``means (T, G)`` and ``precisions (T, G, G)``."""
+        return cls.from_factors(means, [TaskFactors.of(p, bound_rank) for p in precisions])
+
+    @classmethod
+    def from_factors(cls, means: torch.Tensor, factors: list[TaskFactors]) -> MahalanobisIndex:
+        """Assemble the index (cheap: the per-task decompositions are already done)."""
         t, g = means.shape
-        k = max(0, min(bound_rank, g - 1))
+        means = means.to(torch.float64)
         centre = means.mean(dim=0)
         centred = means - centre
-        chol = torch.linalg.cholesky(precisions)  # (T, G, G) lower
-        chol_means = torch.einsum("tgh,tg->th", chol, centred)
-        evals, evecs = torch.linalg.eigh(precisions)  # ascending
-        floor = evals[:, k]
-        weights = (floor[:, None] - evals[:, :k]).clamp_min(0).sqrt()  # (T, k)
-        basis = evecs[:, :, :k] * weights[:, None, :]  # (T, G, k)
-        bound_means = torch.einsum("tgk,tg->tk", basis, centred)
+        chol = torch.stack([f.chol for f in factors]).to(means)  # (T, G, G)
+        basis = torch.stack([f.basis for f in factors]).to(means)  # (T, G, k)
+        k = basis.shape[2]
         f32 = torch.float32
         return cls(
             centre=centre.to(f32),
             chol=chol.permute(1, 0, 2).reshape(g, t * g).to(f32).contiguous(),
-            chol_means=chol_means.to(f32),
+            chol_means=torch.einsum("tgh,tg->th", chol, centred).to(f32),
             means=centred.to(f32),
             mean_sq=centred.pow(2).sum(dim=1).to(f32),
-            floor=floor.to(f32),
+            floor=torch.tensor([f.floor for f in factors], dtype=f32),
             bound_basis=basis.permute(1, 0, 2).reshape(g, t * k).to(f32).contiguous(),
-            bound_means=bound_means.to(f32),
+            bound_means=torch.einsum("tgk,tg->tk", basis, centred).to(f32),
         )
 
     def to(self, device: torch.device | str) -> MahalanobisIndex:
@@ -108,9 +129,15 @@ class MahalanobisIndex:
         proj = (x @ self.bound_basis).view(b, self.num_tasks, k) - self.bound_means
         return self.floor * sq - proj.pow(2).sum(dim=-1)
 
-    def nearest(self, features: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``(argmin_t d_t (B,), number of tasks evaluated exactly)`` for ``features (B, G)``."""
+    def nearest(self, features: torch.Tensor, exhaustive_below: int = EXHAUSTIVE_BELOW) -> tuple[torch.Tensor, int]:
+        """``(argmin_t d_t (B,), number of tasks evaluated exactly)`` for ``features (B, G)``.
+
+        Up to ``exhaustive_below`` numbers of ``T * G^2`` every task is evaluated (bounds would cost
+        more than they save); above, the lower bounds prune.
+        """
         x = features.to(self.chol.dtype) - self.centre
+        if self.chol.numel() <= exhaustive_below:
+            return self.exact(x).argmin(dim=1), self.num_tasks
         bounds = self.lower_bounds(x)  # (B, T)
         best = self.exact_pairs(x, bounds.argmin(dim=1))  # (B,) a distance every query can reach
         scale = self.floor * (x.pow(2).sum(dim=1, keepdim=True) + self.mean_sq) + best[:, None]
