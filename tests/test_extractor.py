@@ -141,3 +141,16 @@ def test_pretrained_features_differ_from_random(lite0: FeatureExtractor) -> None
     random = FeatureExtractor(BackboneConfig(**{**LITE0.__dict__, "pretrained": False}))
     x = lite0.preprocess(_images(1))
     assert not torch.allclose(lite0(x).patches, random(x).patches, atol=1e-2)
+
+
+def test_channels_last_is_the_cnn_default_and_equals_nchw(lite0: FeatureExtractor) -> None:
+    images = _images(2)
+    assert lite0.memory_format == torch.channels_last
+    fast = lite0.extract(images)
+    try:
+        lite0.set_memory_format(torch.contiguous_format)
+        reference = lite0.extract(images)
+    finally:
+        lite0.set_memory_format(torch.channels_last)
+    for name in ("patches", "context", "pooled"):
+        torch.testing.assert_close(getattr(fast, name), getattr(reference, name), rtol=1e-4, atol=1e-4)

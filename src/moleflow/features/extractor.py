@@ -111,6 +111,11 @@ class FeatureExtractor(nn.Module):
         mean, std = self.backbone.mean, self.backbone.std
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.memory_format = torch.contiguous_format
+        if self.backbone.kind == "cnn":
+            # NHWC convolutions: ~1.5x faster on CPU (oneDNN) and the tensor-core layout on GPU; same values
+            # up to float rounding (measured by `moleflow bench`, section "optimizations")
+            self.set_memory_format(torch.channels_last)
         self._grid = self._probe_grid()
         super().train(False)
 
@@ -135,6 +140,13 @@ class FeatureExtractor(nn.Module):
     def pooled_dim(self) -> int:
         """G, the width of ``pooled``."""
         return self.backbone.pooled_dim
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> FeatureExtractor:
+        """Layout of the backbone's weights and inputs: ``torch.channels_last`` (CNN default) or
+        ``torch.contiguous_format`` (NCHW)."""
+        self.memory_format = memory_format
+        self.backbone.to(memory_format=memory_format)
+        return self
 
     # ------------------------------------------------------------------ frozen
 
@@ -168,6 +180,7 @@ class FeatureExtractor(nn.Module):
                 f"(or use FeatureExtractor.preprocess), got {tuple(x.shape)} {x.dtype}"
             )
         with torch.inference_mode():
+            x = x.contiguous(memory_format=self.memory_format)
             maps, pooled = self.backbone(x)
             if self.backbone.kind == "cnn":
                 patches = cnn_patches(maps, self._grid, self._embed_dim)

@@ -161,17 +161,17 @@ def _e2e_configs() -> list[tuple[str, MoleFlowConfig]]:
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """How end-to-end inference runs: bf16 autocast and channels-last are the GPU defaults."""
+    """How end-to-end inference runs: bf16 autocast (GPU default) and the CNN memory layout."""
 
     bf16: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # the FeatureExtractor's default for CNN backbones
 
     @classmethod
     def for_device(cls, device: torch.device) -> InferenceOptions:
-        return cls(bf16=device.type == "cuda", channels_last=device.type == "cuda")
+        return cls(bf16=device.type == "cuda")
 
     def label(self) -> str:
-        return ("bf16" if self.bf16 else "fp32") + (" channels-last" if self.channels_last else "")
+        return ("bf16" if self.bf16 else "fp32") + ("" if self.channels_last else " NCHW")
 
 
 def _e2e_pass(extractor, model, router, cfg: MoleFlowConfig, images, options: InferenceOptions):
@@ -183,10 +183,7 @@ def _e2e_pass(extractor, model, router, cfg: MoleFlowConfig, images, options: In
     device = extractor.mean.device
     size = cfg.model.backbone.image_size
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
-        x = extractor.preprocess(images)
-        if options.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        f = extractor(x)
+        f = extractor(extractor.preprocess(images))
         feats = CachedFeatures(f.patches.float(), None if f.context is None else f.context.float(), f.pooled.float())
         scored = score_features(model, router, feats, cfg.scoring)
         return anomaly_maps(scored.patch_scores.float(), (size, size), cfg.scoring.smoothing_sigma)
@@ -197,8 +194,8 @@ def e2e_setup(cfg: MoleFlowConfig, device: torch.device, options: InferenceOptio
     from moleflow.features.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(cfg.model.backbone).to(device)
-    if options.channels_last:
-        extractor = extractor.to(memory_format=torch.channels_last)
+    if extractor.backbone.kind == "cnn":
+        extractor.set_memory_format(torch.channels_last if options.channels_last else torch.contiguous_format)
     model = build_head(cfg, device, tasks=tasks, context_dim=extractor.context_dim)
     use_pooled = cfg.router.feature == "backbone_pooled"
     router, _ = synthetic_router(cfg, extractor.pooled_dim if use_pooled else extractor.embed_dim, tasks, device)
