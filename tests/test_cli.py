@@ -84,3 +84,17 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys):
     )
     assert "unknown key" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nope"), "x.png"]) == 2
+
+
+def test_limits_subsample_every_task_and_bad_limits_are_refused(tmp_path, capsys):
+    from moleflow.data import DatasetError, parse_limits, resolve_tasks
+
+    tasks = resolve_tasks(["a=synthetic:stripes", "b=synthetic:disc"], limits=parse_limits("5,4"))
+    assert [(len(t.train), len(t.test)) for t in tasks] == [(5, 4), (5, 4)]
+    assert all({s.label for s in t.test} == {0, 1} for t in tasks)
+    with pytest.raises(DatasetError, match="unique"):
+        resolve_tasks(["synthetic:stripes", "synthetic:stripes"])
+    out = tmp_path / "run"
+    code = main(["train", "offline", "--tasks", "synthetic:stripes", "--out", str(out), "--limits", "5"])
+    assert code == 2 and "TRAIN,TEST" in capsys.readouterr().err
+    assert not out.exists()  # nothing written

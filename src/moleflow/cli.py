@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from moleflow.config import ConfigError, MoleFlowConfig, apply_overrides, dump_yaml, load_config
+from moleflow.data import parse_limits, resolve_tasks
 
 log = logging.getLogger("moleflow")
 
@@ -38,14 +39,6 @@ def _config(source: str, overrides: list[str]) -> MoleFlowConfig:
     return apply_overrides(load_config(source), overrides)
 
 
-def _tasks(specs: list[str], data_root: str | None, limits: tuple[int, int] | None = None):
-    from moleflow.data import resolve_task
-    from moleflow.data.subsample import subsample_task
-
-    tasks = [resolve_task(spec, data_root) for spec in specs]
-    return [subsample_task(t, *limits) for t in tasks] if limits else tasks
-
-
 def _train(
     cfg: MoleFlowConfig,
     specs: list[str],
@@ -59,7 +52,7 @@ def _train(
     from moleflow.experiment import ContinualExperiment
     from moleflow.report import format_summary_table, write_report
 
-    tasks = _tasks(specs, data_root, limits)
+    tasks = resolve_tasks(specs, data_root, limits)
     exp = ContinualExperiment(cfg, out, progress=progress, num_workers=workers, feature_cache=feature_cache)
     start = time.perf_counter()
     results = exp.run(tasks, specs, limits, data_root)
@@ -103,6 +96,7 @@ def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args.config, args.set)
+    limits = parse_limits(args.limits)  # bad options fail before anything is written
     out = Path(args.out)
     _setup_logging(out, args.verbose)
     _train(
@@ -112,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out,
         progress=not args.no_progress,
         workers=args.workers,
+        limits=limits,
         feature_cache=args.feature_cache,
     )
     return 0
@@ -157,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     limits = tuple(recorded["limits"]) if recorded.get("limits") else None
     if None in specs.values():
         raise ValueError(f"{run_dir / 'tasks.json'} records no task specs (run made from Python?); cannot rebuild tests")
-    tasks = _tasks(list(specs.values()), args.data or recorded.get("data_root"), limits)
+    tasks = resolve_tasks(list(specs.values()), args.data or recorded.get("data_root"), limits)
     for task in tasks:
         exp.eval_sets[task.name] = exp.prepare_eval_set(task)
     # earlier rows of the accuracy matrices cannot be recomputed (those states are gone): keep them
@@ -275,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--data", help="root directory for bare category names")
     t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    t.add_argument(
+        "--limits",
+        metavar="TRAIN,TEST",
+        help="at most TRAIN training and TEST test images per task (deterministic subsample, both test classes kept)",
+    )
     t.add_argument("--feature-cache", type=Path, help="directory that keeps extracted backbone features between runs")
     common(t)
     t.set_defaults(func=cmd_train)

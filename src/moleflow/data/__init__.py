@@ -11,7 +11,7 @@ from moleflow.data.errors import DatasetError
 from moleflow.data.folder import load_folder_task
 from moleflow.data.io import IMAGE_EXTENSIONS, list_images, read_image, read_mask
 from moleflow.data.mvtec import load_mvtec_task
-from moleflow.data.spec import resolve_task
+from moleflow.data.spec import parse_limits, resolve_task, resolve_tasks
 from moleflow.data.synthetic import SYNTHETIC_KINDS, make_synthetic_task, render_sample
 from moleflow.data.visa import load_visa_task
 
@@ -34,5 +34,7 @@ __all__ = [
     "read_image",
     "read_mask",
     "render_sample",
+    "parse_limits",
     "resolve_task",
+    "resolve_tasks",
 ]

@@ -18,6 +18,7 @@ Grammar (DESIGN.md, CLI)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from moleflow.data.base import TaskData, check_task_name
@@ -118,3 +119,37 @@ def resolve_task(spec: str, data_root: str | Path | None = None) -> TaskData:
     if ":" in source:
         raise _unknown_scheme(spec, source)
     return _from_category(source, root)
+
+
+def resolve_tasks(
+    specs: Sequence[str], data_root: str | Path | None = None, limits: tuple[int, int] | None = None
+) -> list[TaskData]:
+    """Resolve several SPECs; ``limits = (max train, max test)`` subsamples each task deterministically.
+
+    Task names must be unique (they key checkpoints and results).
+    """
+    from moleflow.data.subsample import subsample_task
+
+    if not specs:
+        raise DatasetError("no tasks given; pass --tasks SPEC,SPEC,... (e.g. synthetic:stripes,synthetic:disc)")
+    tasks = [resolve_task(spec, data_root) for spec in specs]
+    if limits is not None:
+        tasks = [subsample_task(t, *limits) for t in tasks]
+    names = [t.name for t in tasks]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetError(f"task names must be unique, got {duplicates} more than once; name them: NAME=SOURCE")
+    return tasks
+
+
+def parse_limits(text: str | None) -> tuple[int, int] | None:
+    """``"60,80"`` -> ``(60, 80)`` (max train, max test images per task); None stays None."""
+    if text is None:
+        return None
+    try:
+        train, test = (int(v) for v in text.split(","))
+    except ValueError:
+        raise DatasetError(f"--limits must look like TRAIN,TEST (e.g. 60,80), got {text!r}") from None
+    if train < 2 or test < 2:
+        raise DatasetError(f"--limits needs at least 2 training and 2 test images per task, got {text!r}")
+    return train, test
