@@ -1,0 +1,63 @@
+"""Output helpers shared by the diagnostic analyses: JSON-safe numbers, Markdown tables, atomic files.
+
+Every analysis writes ``<name>.json`` (all numbers), ``<name>.md`` (tables) and PNG figures into one
+output directory; the writes are atomic so an interrupted run never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moleflow.visualize import atomic_write
+
+
+def json_safe(value: Any) -> Any:
+    """Nested dicts / lists / numpy scalars and arrays -> plain JSON types; NaN and inf become ``None``."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def write_json(data: dict[str, Any], path: Path) -> Path:
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_text(text: str, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: ``-`` for missing values, ``digits`` significant decimals for floats."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+    """GitHub Markdown table; cells are formatted with :func:`fmt`, pipes inside cells escaped."""
+
+    def cell(value: Any) -> str:
+        return fmt(value, digits).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
