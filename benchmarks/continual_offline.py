@@ -54,9 +54,7 @@ def patchcore_baseline(exp: ContinualExperiment, tasks, coreset_ratio: float) ->
                 aupro=M.aupro(maps, es.masks),
             )
         values["seconds"] = time.perf_counter() - start
-        out[task.name] = {
-            k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in values.items()
-        }
+        out[task.name] = {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in values.items()}
         log.info("patchcore %s: %s", task.name, out[task.name])
     return out
 
@@ -98,8 +96,7 @@ def markdown(results: dict, baseline: dict, command: str) -> str:
     ]
     for j, task in enumerate(results["tasks"]):
         lines.append(
-            f"| {task} | {t['feature_seconds'][j]:.1f} | {t['train_seconds'][j]:.1f} | "
-            f"{baseline[task]['seconds']:.1f} |"
+            f"| {task} | {t['feature_seconds'][j]:.1f} | {t['train_seconds'][j]:.1f} | {baseline[task]['seconds']:.1f} |"
         )
     lines.append(f"\nInference (extraction + routing + scoring): {t['inference_ms_per_image']:.1f} ms/image")
     return "\n".join(lines) + "\n"

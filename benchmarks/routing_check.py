@@ -32,8 +32,12 @@ def main() -> None:
     p.add_argument("--shared", default="../shared")
     args = p.parse_args()
     shared = Path(args.shared)
-    specs = [f"hazelnut={shared / 'datasets/hazelnut_toy/hazelnut'}",
-             f"mpdd_metal_plate={shared / 'datasets/mpdd_metal_plate/metal_plate'}", "elpv:mono", "elpv:poly"]
+    specs = [
+        f"hazelnut={shared / 'datasets/hazelnut_toy/hazelnut'}",
+        f"mpdd_metal_plate={shared / 'datasets/mpdd_metal_plate/metal_plate'}",
+        "elpv:mono",
+        "elpv:poly",
+    ]
     cfg = preset("offline")
     extractor = FeatureExtractor(cfg.model.backbone)
     train, test = [], []
@@ -54,8 +58,11 @@ def main() -> None:
             per_task = [(router.route(t[feature]) == i).double().mean().item() for i, t in enumerate(test)]
             sizes = [len(t[feature]) for t in test]
             total = sum(n * a for n, a in zip(sizes, per_task, strict=True)) / sum(sizes)
-            print(f"| {feature} | {metric} | {shrinkage} | {100 * total:.1f} % | "
-                  + ", ".join(f"{100 * a:.1f}" for a in per_task) + " |")
+            print(
+                f"| {feature} | {metric} | {shrinkage} | {100 * total:.1f} % | "
+                + ", ".join(f"{100 * a:.1f}" for a in per_task)
+                + " |"
+            )
 
 
 if __name__ == "__main__":
