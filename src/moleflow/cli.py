@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,11 @@ def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def default_workers() -> int:
+    """DataLoader workers that decode images while the backbone runs: one core is left to the backbone."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -269,7 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tasks", nargs="+", required=True, help="SPEC[,SPEC...] (see README)")
     t.add_argument("--out", required=True)
     t.add_argument("--data", help="root directory for bare category names")
-    t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="image-decoding worker processes, overlapping with the backbone (default: CPUs - 1, at most 4)",
+    )
     t.add_argument(
         "--limits",
         metavar="TRAIN,TEST",
