@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from moleflow.config import ConfigError, MoleFlowConfig, apply_overrides, dump_yaml, load_config
 from moleflow.data import parse_limits, resolve_tasks
+from moleflow.features.cache import default_workers
 
 log = logging.getLogger("moleflow")
 
@@ -93,11 +93,6 @@ def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-
-
-def default_workers() -> int:
-    """DataLoader workers that decode images while the backbone runs: one core is left to the backbone."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -279,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=default_workers(),
-        help="image-decoding worker processes, overlapping with the backbone (default: CPUs - 1, at most 4)",
+        help="image-decoding worker processes, overlapping with the backbone (default: CPUs / 4, at most 4)",
     )
     t.add_argument(
         "--limits",

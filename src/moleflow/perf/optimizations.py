@@ -152,14 +152,15 @@ def channels_last_backbone(device: torch.device, batch: int, reps: int) -> dict:
     )
 
 
-def data_loading_workers(device: torch.device, n_images: int = 48, workers: int = 2, side: int = 700) -> dict:
+def data_loading_workers(device: torch.device, n_images: int = 48, workers: int | None = None, side: int = 700) -> dict:
     """Feature extraction from PNG files: decoding in the main process -> in ``workers`` processes."""
     from PIL import Image
 
     from moleflow.data.base import FileSample
-    from moleflow.features.cache import extract_features
+    from moleflow.features.cache import default_workers, extract_features
     from moleflow.features.extractor import FeatureExtractor
 
+    workers = workers or max(1, default_workers())
     cfg = preset("offline")
     extractor = FeatureExtractor(cfg.model.backbone).to(device)
     rng = np.random.default_rng(0)
@@ -199,7 +200,7 @@ def run_optimizations(device: torch.device, quick: bool, compile_head: bool = Fa
     rows.append(mixed_batch_grouping(device, batch=16 if quick else 32, reps=reps))
     rows.append(routing_index(device, reps=reps))
     rows.append(channels_last_backbone(device, batch=8, reps=2 if quick else 5))
-    rows.append(data_loading_workers(device, n_images=16 if quick else 96))
+    rows.append(data_loading_workers(device, n_images=32 if quick else 96))
     return rows
 
 
