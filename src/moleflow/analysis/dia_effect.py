@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moleflow.analysis.diagnostic_outputs import markdown_table, write_json, write_text
 from moleflow.analysis.latents import decompose_transform, latent_statistics, pca_2d
+from moleflow.analysis.outputs import markdown_table, write_json, write_text
 from moleflow.features.cache import CachedFeatures
 from moleflow.flow.model import MoLEFlow
 from moleflow.visualize import new_figure, save_figure

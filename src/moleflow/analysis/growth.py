@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moleflow.analysis.diagnostic_outputs import markdown_table, write_json, write_text
+from moleflow.analysis.outputs import markdown_table, write_json, write_text
 from moleflow.checkpoint import save_base, save_router, save_task
 from moleflow.config import FlowConfig, LoRAConfig, ModelConfig, MoleFlowConfig
 from moleflow.flow.model import MoLEFlow

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moleflow.analysis.diagnostic_outputs import markdown_table, write_json, write_text
+from moleflow.analysis.outputs import markdown_table, write_json, write_text
 from moleflow.analysis.stats import effective_rank
 from moleflow.config import MoleFlowConfig
 from moleflow.data.base import TaskData

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from moleflow.analysis.diagnostic_outputs import markdown_table, write_json, write_text
+from moleflow.analysis.outputs import markdown_table, write_json, write_text
 from moleflow.visualize import new_figure, save_figure
 
 log = logging.getLogger(__name__)

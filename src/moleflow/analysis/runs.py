@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from moleflow.analysis.outputs import write_json, write_text
 from moleflow.config import MoleFlowConfig, apply_overrides, dump_yaml
 from moleflow.data import TaskData, parse_limits, resolve_tasks
 from moleflow.evaluation.protocol import Matrix, final_mean, forgetting
@@ -97,12 +98,6 @@ def summarize(results: dict, key: str, seed: int, overrides: Sequence[str]) -> R
     )
 
 
-def _write_text(path: Path, text: str) -> None:
-    from moleflow.visualize import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def execute_experiment(cfg: MoleFlowConfig, tasks: Sequence[TaskData], run_dir: Path, feature_cache: Path | None) -> dict:
     """Train and evaluate ``tasks`` in order with :class:`ContinualExperiment`; returns results.json."""
     from moleflow.experiment import ContinualExperiment
@@ -154,8 +149,8 @@ class Runner:
             start = time.perf_counter()
             results = self.execute(cfg, [self.tasks[n] for n in order], run_dir, self.feature_cache)
             # the runner owns what makes a run reusable, whatever the executor wrote
-            _write_text(written, dump_yaml(cfg))
-            _write_text(stored, json.dumps(results, indent=2, allow_nan=False))
+            write_text(dump_yaml(cfg), written)
+            write_json(results, stored)
             self.executed.append(key)
             log.info("run %s done in %.1fs", key, time.perf_counter() - start)
         return summarize(results, key, seed, overrides)
@@ -237,23 +232,12 @@ def setup_from_args(args, default_seeds: int = 3) -> RunSetup:
     return RunSetup(runner, list(range(seeds)), args.matrix, description)
 
 
-def json_safe(value):
-    """Replace NaN / inf floats (e.g. an F statistic of a zero-variance design) by None, recursively."""
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def write_outputs(out: Path, json_path: Path | None, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     """Write ``data`` as JSON (to ``json_path`` or ``out/<name>.json``) and ``out/<name>.md``, atomically."""
     json_path = json_path or out / f"{name}.json"
-    _write_text(json_path, json.dumps(json_safe(data), indent=2, allow_nan=False))
+    write_json(data, json_path)
     md_path = out / f"{name}.md"
-    _write_text(md_path, markdown)
+    write_text(markdown, md_path)
     return json_path, md_path
 
 

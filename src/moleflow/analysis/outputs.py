@@ -1,4 +1,4 @@
-"""Output helpers shared by the diagnostic analyses: JSON-safe numbers, Markdown tables, atomic files.
+"""Output helpers shared by the analyses: JSON-safe numbers, Markdown tables, atomic files.
 
 Every analysis writes ``<name>.json`` (all numbers), ``<name>.md`` (tables) and PNG figures into one
 output directory; the writes are atomic so an interrupted run never leaves half a file behind.
