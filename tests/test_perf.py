@@ -138,6 +138,8 @@ def test_to_markdown_on_fake_result():
                     "task_file_bytes": 4096,
                     "first_task_trainable": 5000,
                     "base_parameters": 4000,
+                    "epochs": 40,
+                    "estimated_learn_seconds": 123.4,
                 }
             ],
             "learn": {
@@ -158,7 +160,7 @@ def test_to_markdown_on_fake_result():
     text = to_markdown(fake)
     assert "35.0%" in text and "5.20 GFLOP/s" in text
     assert "unavailable" in text and "skipped (quick mode on CPU)" in text
-    assert "extrapolated" in text and "**80 s**" in text
+    assert "extrapolated" in text and "**80 s**" in text and "| 123 s (40 epochs) |" in text
     assert "| 4.0x | 1.5 | 0.2% |" in text  # routing: speed-up, tasks evaluated, share of inference
     assert "| merged LoRA | separate | merged | 3.0 | 1.5 | 2.00x | max abs diff 1e-06 |" in text
     assert to_markdown({}).startswith("# moleflow bench")

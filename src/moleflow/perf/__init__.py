@@ -88,7 +88,7 @@ def run_bench(
         if e["backbone"] == "efficientnet_lite2" and e["status"] == "ok"
     }
     result["routing"] = section("routing", lambda: bench_routing(dev, quick, routed_ms))
-    result["per_task"] = section("per_task", lambda: bench_per_task(dev, quick))
+    result["per_task"] = section("per_task", lambda: bench_per_task(dev, quick, train_rows=result["train"]))
     result["optimizations"] = section("optimizations", lambda: run_optimizations(dev, quick, compile_head))
     result["memory"] = peak_memory(dev)
     result["section_seconds"] = sections

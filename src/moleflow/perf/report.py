@@ -125,8 +125,20 @@ def to_markdown(result: dict) -> str:
     per_task = result.get("per_task")
     if per_task:
         lines += ["## Per task", ""]
+
+        def estimate(p: dict) -> str:
+            seconds = p.get("estimated_learn_seconds")
+            return "-" if seconds is None else f"{seconds:.0f} s ({p['epochs']} epochs)"
+
         lines += _table(
-            ["preset", "per-task params", "task file", "first-task trainable", "base params"],
+            [
+                "preset",
+                "per-task params",
+                "task file",
+                "first-task trainable",
+                "base params",
+                "300-image task, estimated from the training step",
+            ],
             [
                 [
                     p["preset"],
@@ -134,6 +146,7 @@ def to_markdown(result: dict) -> str:
                     _si(p["task_file_bytes"], "B"),
                     f"{p['first_task_trainable']:,}",
                     f"{p['base_parameters']:,}",
+                    estimate(p),
                 ]
                 for p in per_task.get("presets", [])
             ],

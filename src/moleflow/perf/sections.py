@@ -302,7 +302,10 @@ def _time_routing(router, sample, device: torch.device, quick: bool, big: int, r
     }
 
 
-def bench_per_task(device: torch.device, quick: bool, n_images: int = 300) -> dict:
+def bench_per_task(device: torch.device, quick: bool, n_images: int = 300, train_rows: list[dict] | None = None) -> dict:
+    """Per preset: a task's parameters and file size, and the time to learn ``n_images`` for the preset's
+    epochs on cached features: measured for the offline preset (``--quick``: 1 epoch, extrapolated),
+    estimated for the others from the training-step throughput in ``train_rows``."""
     from moleflow.checkpoint import save_task
     from moleflow.routing import Router
     from moleflow.training import ContinualTrainer
@@ -315,6 +318,7 @@ def bench_per_task(device: torch.device, quick: bool, n_images: int = 300) -> di
             save_task(model, cfg, "t1", Path(tmp))
             size = (Path(tmp) / "tasks" / "t1.safetensors").stat().st_size
         counts = model.parameter_counts()
+        train = next((t for t in train_rows or [] if t["preset"] == name), None)
         out["presets"].append(
             {
                 "preset": name,
@@ -322,6 +326,8 @@ def bench_per_task(device: torch.device, quick: bool, n_images: int = 300) -> di
                 "first_task_trainable": sum(p.numel() for ps in model.parameter_groups("t0", True).values() for p in ps),
                 "base_parameters": counts["base"],
                 "task_file_bytes": size,
+                "epochs": cfg.train.epochs,
+                "estimated_learn_seconds": n_images * cfg.train.epochs / train["images_per_s"] if train else None,
             }
         )
     # learn a task on cached features
