@@ -10,10 +10,10 @@ from moleflow.routing_index import MahalanobisIndex
 G = 24
 
 
-def _prototypes(tasks: int, seed: int = 0, images: int = 40, spread: float = 3.0):
+def _prototypes(tasks: int, seed: int = 0, images: int = 40, spread: float = 3.0, shrinkage: str = "oas"):
     """OAS-shrunk prototypes of tasks whose images vary along a few directions; returns (router, samples)."""
     gen = torch.Generator().manual_seed(seed)
-    router = Router(RouterConfig(metric="mahalanobis", shrinkage="oas"))
+    router = Router(RouterConfig(metric="mahalanobis", shrinkage=shrinkage))
     samples = []
     for t in range(tasks):
         centre = spread * torch.randn(G, generator=gen, dtype=torch.float64)
@@ -22,7 +22,7 @@ def _prototypes(tasks: int, seed: int = 0, images: int = 40, spread: float = 3.0
         x = x + 0.3 * torch.randn(images, G, generator=gen, dtype=torch.float64)
         acc = PrototypeAccumulator()
         acc.update(x)
-        router.add(f"t{t}", *acc.finalize(1e-5, "oas"))
+        router.add(f"t{t}", *acc.finalize(1e-5, shrinkage))
         samples.append(x)
     return router, torch.cat(samples)
 
@@ -42,9 +42,11 @@ def test_exact_distances_and_lower_bounds_against_the_reference():
     )
 
 
-@pytest.mark.parametrize("bound_rank", [0, 4, 16, G])
-def test_nearest_equals_the_exhaustive_argmin(bound_rank):
-    router, x = _prototypes(30, seed=2)
+@pytest.mark.parametrize("bound_rank, shrinkage", [(0, "oas"), (4, "oas"), (16, "oas"), (G, "oas"), (4, "none")])
+def test_nearest_equals_the_exhaustive_argmin(bound_rank, shrinkage):
+    """Also with the spec's unshrunk covariance: fewer images (20) than dims would make it singular, so the
+    1e-5 ridge leaves precisions with condition numbers near 1e6."""
+    router, x = _prototypes(30, seed=2, images=20 if shrinkage == "none" else 40, shrinkage=shrinkage)
     queries = torch.cat([x, 10 * torch.randn(50, G, dtype=torch.float64)])  # near tasks and far from all
     index = MahalanobisIndex.build(router.means, router.precisions, bound_rank=bound_rank)
     nearest, evaluated = index.nearest(queries, exhaustive_below=0)
