@@ -64,9 +64,11 @@ def run_bench(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
-    batch = 8 if quick else 32
+    gpu = dev.type == "cuda"
+    batch = 8 if quick else (256 if gpu else 32)  # a GPU needs large batches to fill
+    e2e_large = 8 if quick else (256 if gpu else 64)
     reps = 2 if quick else 10
-    train_batch = 4 if quick else 32  # quick: a D=768 training step is ~150 GFLOP at batch 8
+    train_batch = 4 if quick else (128 if gpu else 32)  # quick: a D=768 training step is ~150 GFLOP at batch 8
     result: dict[str, Any] = {"quick": quick, "environment": environment(dev)}
     sections: dict[str, float] = {}
 
@@ -81,7 +83,7 @@ def run_bench(
     ceiling = result["ceiling"]["flops_per_s"]
     result["head"] = section("head", lambda: [bench_head(n, dev, batch, ceiling, reps) for n in PRESET_NAMES])
     result["train"] = section("train", lambda: [bench_train(n, dev, train_batch, ceiling, reps) for n in PRESET_NAMES])
-    result["end_to_end"] = section("end_to_end", lambda: bench_end_to_end(dev, (1, 8 if quick else 64), 2 if quick else 5))
+    result["end_to_end"] = section("end_to_end", lambda: bench_end_to_end(dev, (1, e2e_large), 2 if quick else 5))
     routed_ms = {
         e["batch"]: e["ms_per_image"]
         for e in result["end_to_end"]
