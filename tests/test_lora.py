@@ -198,3 +198,12 @@ def test_training_after_inference_mode_still_backpropagates() -> None:
     out = model(x, "t")
     (out.z.pow(2).sum() - out.logdet.sum()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_merged_weights_are_folded_in_full_precision_under_autocast() -> None:
+    layer = _trained_layer().float().eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(randn(2, 6).float(), "a")
+    weight, _ = layer._merged["a"][1:]
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, layer.merged_weight("a").detach(), rtol=0, atol=0)

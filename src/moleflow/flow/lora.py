@@ -85,8 +85,10 @@ class LoRALinear(nn.Module):
         key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in sources)
         cached = self._merged.get(task)
         if cached is None or cached[0] != key:
-            # plain tensors (not inference tensors), so the cache also serves later no_grad calls
-            with torch.inference_mode(False), torch.no_grad():
+            # plain tensors (not inference tensors), so the cache also serves later no_grad calls; folded in
+            # the weights' own precision even under autocast, so an fp32 call never sees bf16 rounding
+            device_type = self.base.weight.device.type
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
                 cached = (key, self.merged_weight(task).detach(), self.effective_bias(task).detach())
             self._merged[task] = cached
         return cached[1], cached[2]
