@@ -127,9 +127,9 @@ class Router:
         if self._index is None or self._index.chol.device != device:
             for task, precision in zip(self.tasks, self.precisions, strict=True):
                 if task not in self._factors:  # decomposed once per task, not at every rebuild
-                    self._factors[task] = TaskFactors.of(precision.cpu())
+                    self._factors[task] = TaskFactors.of(precision)  # where the precisions live (GPU: fast)
             factors = [self._factors[t] for t in self.tasks]
-            self._index = MahalanobisIndex.from_factors(self.means.cpu(), factors).to(device)
+            self._index = MahalanobisIndex.from_factors(self.means, factors).to(device)
         return self._index
 
     def route(self, features: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ class MahalanobisIndex:
             chol_means=torch.einsum("tgh,tg->th", chol, centred).to(f32),
             means=centred.to(f32),
             mean_sq=centred.pow(2).sum(dim=1).to(f32),
-            floor=torch.tensor([f.floor for f in factors], dtype=f32),
+            floor=torch.tensor([f.floor for f in factors], dtype=f32, device=means.device),
             bound_basis=basis.permute(1, 0, 2).reshape(g, t * k).to(f32).contiguous(),
             bound_means=torch.einsum("tgk,tg->tk", basis, centred).to(f32),
         )
