@@ -106,7 +106,8 @@ class ContinualExperiment:
             return self._extract(samples, desc)
         digest = samples_digest(samples)
         expected = cache_fingerprint(self.cfg.model.backbone, samples=digest, context=self.need_context)
-        path = self.feature_cache / f"{self.cfg.model.backbone.name}-{digest[:16]}.safetensors"
+        key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
+        path = self.feature_cache / f"{self.cfg.model.backbone.name}-{key}.safetensors"  # one file per fingerprint
         if path.exists():
             try:
                 return CachedFeatures.load(path, expected)
