@@ -6,7 +6,6 @@ output directory; the writes are atomic so an interrupted run never leaves half 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from moleflow.visualize import atomic_write
+from moleflow.experiment import write_json_atomic, write_text_atomic
 
 
 def json_safe(value: Any) -> Any:
@@ -32,13 +31,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(data: dict[str, Any], path: Path) -> Path:
-    text = json.dumps(json_safe(data), indent=2, allow_nan=False)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def write_text(text: str, path: Path) -> None:
+    write_text_atomic(text, path)
 
 
-def write_text(text: str, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """``data`` made JSON-safe (:func:`json_safe`), written atomically."""
+    write_json_atomic(json_safe(data), path)
 
 
 def fmt(value: Any, digits: int = 3) -> str:
