@@ -32,7 +32,7 @@ from moleflow.analysis.runs import (
     RunSetup,
     RunSummary,
     add_run_arguments,
-    fmt,
+    percent,
     setup_from_args,
     write_outputs,
 )
@@ -233,7 +233,7 @@ def ablation_rows(
 
 
 def _pm(stats: Mapping[str, float]) -> str:
-    return f"{fmt(stats['mean'])} ± {fmt(stats['std'])}"
+    return f"{percent(stats['mean'])} ± {percent(stats['std'])}"
 
 
 def interaction_markdown(rows: Sequence[dict], setup: dict) -> str:
@@ -249,7 +249,7 @@ def interaction_markdown(rows: Sequence[dict], setup: dict) -> str:
         cells = r["cells"]
         lines.append(
             f"| {r['component']} | {_pm(cells['frozen_on'])} | {_pm(cells['frozen_off'])} | {_pm(cells['unfrozen_on'])} "
-            f"| {_pm(cells['unfrozen_off'])} | {fmt(r['component_effect'], 2)} | {fmt(r['frozen_effect'], 2)} "
+            f"| {_pm(cells['unfrozen_off'])} | {percent(r['component_effect'], 2)} | {percent(r['frozen_effect'], 2)} "
             f"| {r['f']:.2f} | {r['p']:.3g} | {r['p_bonferroni']:.3g} | {r['partial_eta_sq']:.2f} | {r['category']} |"
         )
     return "\n".join(lines) + "\n"
@@ -279,7 +279,7 @@ def plot_interaction(rows: Sequence[dict], path: Path, matrix: str) -> Path:
             stats = [r["cells"][f"{base}_{state}"] for base in ("frozen", "unfrozen")]
             means = [100 * s["mean"] for s in stats]
             stds = [100 * np.nan_to_num(s["std"]) for s in stats]
-            ax.errorbar([0, 1], means, yerr=stds, fmt=style, capsize=3, label=f"{r['component']} {state}")
+            ax.errorbar([0, 1], means, yerr=stds, percent=style, capsize=3, label=f"{r['component']} {state}")
         ax.set_xticks([0, 1], ["frozen", "unfrozen"])
         ax.set_xlim(-0.35, 1.35)  # keep neighbouring panels' tick labels apart
         ax.set_title(f"{r['component']}\nF={r['f']:.2f}, p_bonf={r['p_bonferroni']:.2g}", fontsize=8)

@@ -241,7 +241,7 @@ def write_outputs(out: Path, json_path: Path | None, name: str, data: dict, mark
     return json_path, md_path
 
 
-def fmt(value: float | None, digits: int = 1, scale: float = 100.0) -> str:
+def percent(value: float | None, digits: int = 1, scale: float = 100.0) -> str:
     """``0.1234`` -> ``"12.3"`` (percent points by default); None/NaN -> ``"–"``."""
     if value is None or value != value:
         return "–"

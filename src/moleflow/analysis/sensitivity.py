@@ -25,7 +25,7 @@ from moleflow.analysis.runs import (
     Runner,
     RunSummary,
     add_run_arguments,
-    fmt,
+    percent,
     setup_from_args,
     write_outputs,
 )
@@ -127,7 +127,7 @@ def spread(rows: Sequence[dict], matrix: str) -> dict:
 
 
 def _pm(stats: Mapping) -> str:
-    return f"{fmt(stats['mean'])} ± {fmt(stats['std'])}"
+    return f"{percent(stats['mean'])} ± {percent(stats['std'])}"
 
 
 def order_markdown(rows: Sequence[dict], task0: Sequence[dict], spreads: dict, setup: dict) -> str:
@@ -146,7 +146,7 @@ def order_markdown(rows: Sequence[dict], task0: Sequence[dict], spreads: dict, s
     lines += [
         "",
         "Spread between orders (max − min of the order means): "
-        + ", ".join(f"{m} {fmt(spreads[m]['range'])} points" for m in MATRICES),
+        + ", ".join(f"{m} {percent(spreads[m]['range'])} points" for m in MATRICES),
         "",
         f"Per task, its final {setup['matrix']} metric when it was Task 0 vs. when it came later (all seeds):",
         "",
