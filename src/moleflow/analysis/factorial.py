@@ -279,7 +279,7 @@ def plot_interaction(rows: Sequence[dict], path: Path, matrix: str) -> Path:
             stats = [r["cells"][f"{base}_{state}"] for base in ("frozen", "unfrozen")]
             means = [100 * s["mean"] for s in stats]
             stds = [100 * np.nan_to_num(s["std"]) for s in stats]
-            ax.errorbar([0, 1], means, yerr=stds, percent=style, capsize=3, label=f"{r['component']} {state}")
+            ax.errorbar([0, 1], means, yerr=stds, fmt=style, capsize=3, label=f"{r['component']} {state}")
         ax.set_xticks([0, 1], ["frozen", "unfrozen"])
         ax.set_xlim(-0.35, 1.35)  # keep neighbouring panels' tick labels apart
         ax.set_title(f"{r['component']}\nF={r['f']:.2f}, p_bonf={r['p_bonferroni']:.2g}", fontsize=8)
