@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moleflow.analysis.latents import decompose_transform, latent_statistics, pca_2d
-from moleflow.analysis.outputs import markdown_table, write_json, write_text
+from moleflow.analysis.outputs import markdown_table, write_analysis
 from moleflow.features.cache import CachedFeatures
 from moleflow.flow.model import MoLEFlow
 from moleflow.visualize import new_figure, save_figure
@@ -216,8 +216,5 @@ def run_dia_analysis(
             task_sets.append((task.name, feats, np.zeros(len(feats), dtype=np.int64), None))
     result, all_latents = analyse_run(loaded.experiment.model, task_sets, split)
     result["run_dir"] = str(Path(run_dir).resolve())
-    write_json(result, out / "dia_effect.json")
-    write_text(dia_markdown(result), out / "dia_effect.md")
-    pca_figure(all_latents, out / "dia_pca.png")
-    log.info("wrote %s", out / "dia_effect.md")
+    write_analysis(out, "dia_effect", result, dia_markdown(result), lambda p: pca_figure(all_latents, p), "dia_pca.png")
     return result

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moleflow.analysis.outputs import markdown_table, write_json, write_text
+from moleflow.analysis.outputs import markdown_table, write_analysis
 from moleflow.checkpoint import save_base, save_router, save_task
 from moleflow.config import FlowConfig, LoRAConfig, ModelConfig, MoleFlowConfig
 from moleflow.flow.model import MoLEFlow
@@ -187,10 +187,7 @@ def run_growth_analysis(cfg: MoleFlowConfig, max_tasks: int, out: Path) -> dict[
         measured = measure_growth(cfg, max_tasks, Path(tmp))
     result = {"preset": cfg.preset, "max_tasks": max_tasks, **measured, **compare_with_formula(cfg, measured)}
     stem = f"growth_{cfg.preset}"
-    write_json(result, out / f"{stem}.json")
-    write_text(growth_markdown(result), out / f"{stem}.md")
-    growth_figure(result, out / f"{stem}.png")
-    log.info("wrote %s", out / f"{stem}.md")
+    write_analysis(out, stem, result, growth_markdown(result), lambda p: growth_figure(result, p), f"{stem}.png")
     return result
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moleflow.analysis.outputs import markdown_table, write_json, write_text
+from moleflow.analysis.outputs import markdown_table, write_analysis
 from moleflow.analysis.stats import effective_rank
 from moleflow.config import MoleFlowConfig
 from moleflow.data.base import TaskData
@@ -279,7 +279,6 @@ def energy_figure(result: dict[str, Any], path: Path) -> Path:
 
 
 def write_lora_outputs(result: dict[str, Any], out: Path) -> None:
-    write_json(result, out / "lora_rank.json")
-    write_text(lora_markdown(result), out / "lora_rank.md")
-    energy_figure(result, out / "lora_rank_energy.png")
-    log.info("wrote %s", out / "lora_rank.md")
+    write_analysis(
+        out, "lora_rank", result, lora_markdown(result), lambda p: energy_figure(result, p), "lora_rank_energy.png"
+    )

@@ -6,14 +6,17 @@ output directory; the writes are atomic so an interrupted run never leaves half 
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moleflow.experiment import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 def json_safe(value: Any) -> Any:
@@ -38,6 +41,17 @@ def write_text(text: str, path: Path) -> None:
 def write_json(data: dict[str, Any], path: Path) -> None:
     """``data`` made JSON-safe (:func:`json_safe`), written atomically."""
     write_json_atomic(json_safe(data), path)
+
+
+def write_analysis(
+    out: Path, stem: str, data: dict[str, Any], markdown: str, figure: Callable[[Path], Any], figure_name: str
+) -> Path:
+    """The three outputs of an analysis: ``out/<stem>.json``, ``out/<stem>.md`` and ``figure(out/<figure_name>)``."""
+    write_json(data, out / f"{stem}.json")
+    write_text(markdown, out / f"{stem}.md")
+    figure(out / figure_name)
+    log.info("wrote %s", out / f"{stem}.md")
+    return out / f"{stem}.md"
 
 
 def fmt(value: Any, digits: int = 3) -> str:

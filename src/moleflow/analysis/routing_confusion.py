@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from moleflow.analysis.outputs import markdown_table, write_json, write_text
+from moleflow.analysis.outputs import markdown_table, write_analysis
 from moleflow.visualize import new_figure, save_figure
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,7 @@ def run_routing_analysis(run: Path, out: Path) -> dict[str, Any]:
         raise ValueError(f"{run}: results.json has no routing section (written by moleflow >= 0.1 `train`/`eval`)")
     summary = routing_summary(list(results["tasks"]), routing["confusion"])
     summary["run"] = str(Path(run).resolve())
-    write_json(summary, out / "routing.json")
-    write_text(routing_markdown(summary), out / "routing.md")
-    routing_figure(summary, out / "routing_confusion.png")
-    log.info("wrote %s", out / "routing.md")
+    write_analysis(
+        out, "routing", summary, routing_markdown(summary), lambda p: routing_figure(summary, p), "routing_confusion.png"
+    )
     return summary
