@@ -65,3 +65,15 @@ def build_perturbed_model(name: str, tasks=("t0", "t1"), seed: int = 0, context_
     model.double()
     perturb(model, seed=seed + 1)
     return model
+
+
+# ----------------------------------------------------------------------------- tiny end-to-end runs
+
+TINY = ["train.epochs=2", "model.flow.coupling_layers=2", "model.flow.lora.rank=4"]
+TINY_LIMITS = "20,10"
+
+
+def learn_args(run_dir, *products, extra=()):
+    """``moleflow learn`` arguments for a tiny, fast run."""
+    sets = [a for s in TINY for a in ("--set", s)]
+    return ["learn", str(run_dir), *products, "--limits", TINY_LIMITS, "--no-progress", *sets, *extra]

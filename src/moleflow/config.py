@@ -172,6 +172,25 @@ class ScoringConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Thresholds set on normal images a product did not train on (moleflow.calibration).
+
+    ``holdout``: share of a product's training normals held out of training to calibrate on (evenly spaced
+    in file-name order), unless calibration images are given. ``*_fpr``: target false-alarm rates on
+    normals of the image verdict, of the defect-mask pixels, and of rejecting a known product as unknown.
+    ``unknown_margin``: an image is an unknown product only beyond this multiple of the routing distance
+    that ``unknown_fpr`` of the product's normals exceed: defective parts of a known product lie farther
+    than its normals too, other products much farther (docs/RESULTS.md, "Unknown products").
+    """
+
+    holdout: float = 0.2
+    image_fpr: float = 0.01
+    pixel_fpr: float = 0.01
+    unknown_fpr: float = 0.01
+    unknown_margin: float = 10.0
+
+
+@dataclass
 class MoleFlowConfig:
     preset: str = "offline"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -179,6 +198,7 @@ class MoleFlowConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     device: str = "auto"
     schema_version: int = SCHEMA_VERSION
 
@@ -193,6 +213,14 @@ class MoleFlowConfig:
             raise ConfigError(f"loss.tail_weight must lie in [0, 1], got {self.loss.tail_weight}")
         if not 0.0 < self.loss.tail_top_k <= 1.0:
             raise ConfigError(f"loss.tail_top_k is a fraction in (0, 1], got {self.loss.tail_top_k}")
+        c = self.calibration
+        if not 0.0 <= c.holdout < 1.0:
+            raise ConfigError(f"calibration.holdout is a fraction in [0, 1), got {c.holdout}")
+        for key in ("image_fpr", "pixel_fpr", "unknown_fpr"):
+            if not 0.0 < getattr(c, key) < 0.5:
+                raise ConfigError(f"calibration.{key} must lie in (0, 0.5), got {getattr(c, key)}")
+        if not c.unknown_margin >= 1.0:
+            raise ConfigError(f"calibration.unknown_margin must be >= 1, got {c.unknown_margin}")
         if self.scoring.top_k < 1:
             raise ConfigError("scoring.top_k must be >= 1")
         lo, hi = self.model.whitening.gamma_range if self.model.whitening else (0.5, 2.0)

@@ -101,11 +101,20 @@ class Router:
         self._index = None
 
     def remove(self, task: str) -> None:
+        if task not in self.tasks:
+            raise KeyError(f"the router has no prototype for {task!r}; it has {self.tasks}")
         i = self.tasks.index(task)
         keep = [j for j in range(len(self.tasks)) if j != i]
         self.means, self.precisions = self.means[keep], self.precisions[keep]
         self._factors.pop(self.tasks.pop(i), None)
         self._index = None
+        if not self.tasks:
+            self.means = self.precisions = None
+
+    def prototype(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean (G,), precision (G, G))`` of ``task``."""
+        i = self.tasks.index(task)
+        return self.means[i].clone(), self.precisions[i].clone()
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """Squared distances ``(B, T)`` of ``features (B, G)`` to every prototype."""
@@ -140,5 +149,24 @@ class Router:
             return self.index(features.device).nearest(features.detach())[0]
         return self.distances(features).argmin(dim=1)
 
+    def distance_to(self, features: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        """Squared distance ``(B,)`` of each image ``features (B, G)`` to the prototype ``task_index (B,)``."""
+        if not self.tasks:
+            raise RuntimeError("the router has no tasks yet")
+        x = features.detach().to(device=self.means.device, dtype=torch.float64)
+        idx = task_index.to(self.means.device)
+        diff = x - self.means[idx]
+        if self.cfg.metric == "euclidean":
+            return diff.pow(2).sum(dim=-1)
+        return torch.einsum("bg,bgh,bh->b", diff, self.precisions[idx], diff)
+
+    def nearest(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index (B,) long, squared distance (B,) float64)`` of the nearest prototype per image."""
+        index = self.route(features)
+        return index, self.distance_to(features, index)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """``means (T, G)`` and ``precisions (T, G, G)``; empty ``(0, 0)`` tensors when no task is left."""
+        if not self.tasks:
+            return {"means": torch.zeros(0, 0, dtype=torch.float64), "precisions": torch.zeros(0, 0, 0, dtype=torch.float64)}
         return {"means": self.means, "precisions": self.precisions}

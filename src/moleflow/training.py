@@ -8,6 +8,7 @@ d(loss_t)/d(base) is never applied and earlier tasks cannot change. ``train.base
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -80,13 +81,25 @@ def routing_features(model: MoLEFlow, batch: CachedFeatures, feature: str) -> to
     return patches.mean(dim=(1, 2))
 
 
+def product_seed(seed: int, task: str) -> int:
+    """A seed for ``task``'s parts from the run seed and the task's name (stable across processes)."""
+    digest = int(hashlib.sha256(task.encode()).hexdigest()[:8], 16)
+    return (seed * 1_000_003 + digest) % 2**31
+
+
 class ContinualTrainer:
     def __init__(self, model: MoLEFlow, router: Router, cfg: MoleFlowConfig, device: torch.device | str = "cpu"):
         self.model, self.router, self.cfg = model, router, cfg
         self.device = torch.device(device)
 
-    def objective(self, batch: CachedFeatures, task: str) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one batch of ``task``: tail-aware NLL + lambda_logdet * logdet^2 + whitening reg."""
+    def objective(
+        self, batch: CachedFeatures, task: str, *, trains_base: bool | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one batch of ``task``: tail-aware NLL + lambda_logdet * logdet^2 + whitening reg.
+
+        ``trains_base``: whether this task trains the shared base (its whitening is then pulled towards
+        identity under ``identity_reg_tasks = "first"``); ``None``: it is the model's first task.
+        """
         lcfg, model = self.cfg.loss, self.model
         out = model(batch.patches, task, batch.context)
         nll = patch_nll(out.z, out.logdet)
@@ -95,25 +108,43 @@ class ContinualTrainer:
         if lcfg.logdet_weight:
             loss = loss + lcfg.logdet_weight * logdet_penalty(out.logdet)
         wcfg = model.cfg.whitening
-        if wcfg is not None and wcfg.identity_reg_weight and (wcfg.identity_reg_tasks == "all" or task == model.tasks[0]):
+        if trains_base is None:
+            trains_base = task == model.tasks[0]
+        if wcfg is not None and wcfg.identity_reg_weight and (wcfg.identity_reg_tasks == "all" or trains_base):
             loss = loss + wcfg.identity_reg_weight * model.whitening[task].identity_penalty()
         return loss, parts
 
-    def learn_task(self, task: str, features: CachedFeatures, progress: bool = True) -> TaskTrainingReport:
-        """Add ``task`` to the model, train its parts on ``features``, and give it a router prototype."""
+    def learn_task(
+        self,
+        task: str,
+        features: CachedFeatures,
+        *,
+        train_base: bool | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> TaskTrainingReport:
+        """Add ``task`` to the model, train its parts on ``features``, and give it a router prototype.
+
+        ``train_base``: the shared base trains too; ``None``: when the model has no task yet, or always
+        under ``train.base_policy = "always_trainable"`` (the unfrozen baseline).
+        ``seed``: initialises the task's parts and orders its batches; ``None``: derived from the run seed
+        and the product's name (:func:`product_seed`), so a product's parameters do not depend on which
+        products came before it.
+        """
         tcfg = self.cfg.train
         start = time.perf_counter()
-        torch.manual_seed(tcfg.seed + len(self.model.tasks))  # initialisation of the new task's parts
-        first = not self.model.tasks
+        if train_base is None:
+            train_base = not self.model.tasks or tcfg.base_policy == "always_trainable"
+        seed = product_seed(tcfg.seed, task) if seed is None else seed
+        torch.manual_seed(seed)  # initialisation of the new task's parts
         self.model.add_task(task)
-        train_base = first or tcfg.base_policy == "always_trainable"
         self.model.set_trainable(task, train_base)
         groups = self.model.parameter_groups(task, train_base)
         trainable = [p for ps in groups.values() for p in ps]
         optimizer, report = build_optimizer(groups, tcfg), TaskTrainingReport(task)
         scheduler = build_scheduler(optimizer, tcfg)
+        generator = torch.Generator().manual_seed(seed + 7919)
         report.trainable_parameters = sum(p.numel() for p in trainable)
-        generator = torch.Generator().manual_seed(tcfg.seed + 7919 * len(self.model.tasks))
         log.info(
             "learning task %r (%d images, %d trainable parameters, base %s)",
             task,
@@ -127,7 +158,7 @@ class ContinualTrainer:
             total, count = 0.0, 0
             for batch in features.batches(tcfg.batch_size, shuffle=True, generator=generator):
                 batch = batch.to(self.device)
-                loss, _ = self.objective(batch, task)
+                loss, _ = self.objective(batch, task, trains_base=train_base)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"task {task!r}, epoch {epoch}: loss is {loss.item()}; lower train.lr or check the features"

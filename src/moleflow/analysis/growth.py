@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from moleflow.analysis.outputs import markdown_table, write_analysis
-from moleflow.checkpoint import save_base, save_router, save_task
+from moleflow.checkpoint import save_base, save_router, save_task, task_file
 from moleflow.config import FlowConfig, LoRAConfig, ModelConfig, MoleFlowConfig
 from moleflow.flow.model import MoLEFlow
 from moleflow.routing import Router
@@ -132,13 +132,13 @@ def measure_growth(cfg: MoleFlowConfig, max_tasks: int, workdir: Path) -> dict[s
         name = f"task{t:03d}"
         model.add_task(name)
         router.add(name, torch.zeros(router_dim), torch.eye(router_dim))
-        save_task(model, cfg, name, workdir / "checkpoints")
+        save_task(model, router, cfg, name, task_file(workdir / "checkpoints", name), "growth", name)
         task_bytes += (workdir / "checkpoints" / "tasks" / f"{name}.safetensors").stat().st_size
         if t == 1:
-            save_base(model, cfg, workdir / "checkpoints")
+            save_base(model, cfg, workdir / "checkpoints", base_id="growth")
         if t not in points:
             continue
-        save_router(router, cfg, workdir / "checkpoints")
+        save_router(router, cfg, workdir / "checkpoints", "growth", router.tasks)
         counts = model.parameter_counts()
         rows.append(
             {

@@ -17,7 +17,6 @@ Conventions shared by every loader:
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,23 +25,12 @@ import numpy as np
 
 from moleflow.data.errors import DatasetError
 from moleflow.data.io import image_size, read_image, read_mask
+from moleflow.names import check_task_name
 
 __all__ = ["DatasetError", "Sample", "FileSample", "ArraySample", "TaskData", "check_task_name"]
 
 NORMAL_DEFECT = "good"
 LABELS = (0, 1)
-# Task names become file names (checkpoints/tasks/<task>.safetensors), so keep them portable.
-TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def check_task_name(name: str) -> str:
-    """Return ``name`` if it is usable as a task (and file) name, else raise :class:`DatasetError`."""
-    if not TASK_NAME_PATTERN.fullmatch(name):
-        raise DatasetError(
-            f"invalid task name {name!r}: use letters, digits, '_', '.' or '-' (starting with a letter or "
-            "digit), e.g. 'hazelnut' or 'my_parts-v2'; it is used as a file name in the run directory"
-        )
-    return name
 
 
 @dataclass(frozen=True)
@@ -171,7 +159,7 @@ class TaskData:
     """One task (product category) of the continual stream.
 
     Attributes:
-        name: task name, e.g. ``"hazelnut"``; a valid file name (see :data:`TASK_NAME_PATTERN`).
+        name: task name, e.g. ``"hazelnut"``; a valid file name (see :mod:`moleflow.names`).
         train: normal images only.
         test: normal and anomalous images.
         has_masks: pixel metrics are computed only if ``True``; then every sample has a mask.

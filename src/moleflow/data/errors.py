@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
+from moleflow.errors import DatasetError
 
-class DatasetError(ValueError):
-    """A data problem: the message says which file or directory, what was expected and how to fix it."""
+__all__ = ["DatasetError"]

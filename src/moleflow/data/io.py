@@ -17,6 +17,7 @@ and palette masks all binarise to ``{0, 1}`` ``float32``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from moleflow.data.errors import DatasetError
 
+DEFAULT_MAX_MEGAPIXELS = 50
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
@@ -43,18 +45,61 @@ def list_images(directory: Path) -> list[Path]:
     return sorted((p for p in directory.iterdir() if is_image_file(p)), key=lambda p: p.name)
 
 
-def _open_decoded(path: Path) -> Image.Image:
-    """Open and fully decode ``path``; raise DatasetError naming the file on any failure."""
+def max_image_pixels() -> int:
+    """Images with more pixels are refused before decoding (decompression bombs, absurd sizes):
+    50 megapixels, or ``MOLEFLOW_MAX_IMAGE_MEGAPIXELS``."""
+    return int(float(os.environ.get("MOLEFLOW_MAX_IMAGE_MEGAPIXELS", DEFAULT_MAX_MEGAPIXELS)) * 1e6)
+
+
+def _check_regular(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise DatasetError(f"{path} is a dangling symbolic link; fix or delete it")
+    if path.exists() and not path.is_file():
+        raise DatasetError(f"{path} is not a regular file (a directory, FIFO or device); remove it from the image folder")
+
+
+def _open_decoded(path: Path, max_side: int | None = None) -> Image.Image:
+    """Open and fully decode ``path``; raise DatasetError naming the file on any failure.
+
+    The size is checked from the header before decoding (:func:`max_image_pixels`); with ``max_side``,
+    an image whose long side is larger is decoded at reduced size where the format allows it (JPEG
+    draft mode) and downscaled, so memory does not grow with the input's pixel count.
+    """
+    _check_regular(path)
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            limit = max_image_pixels()
+            if width * height > limit:
+                raise DatasetError(
+                    f"image {path} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the limit of "
+                    f"{limit / 1e6:.0f}; downscale it, or raise MOLEFLOW_MAX_IMAGE_MEGAPIXELS"
+                )
+            target = _bounded_size(width, height, max_side)
+            if target is not None:
+                image.draft(image.mode, target)  # JPEG: decode at 1/2, 1/4 or 1/8 scale; others: no-op
             image.load()  # decode now: a truncated file fails here, not later in a worker
+            if target is not None and max(image.size) > max_side:
+                return image.resize(_bounded_size(*image.size, max_side), Image.BILINEAR, reducing_gap=2.0)
             return image.copy()
+    except DatasetError:
+        raise
     except FileNotFoundError as exc:
         raise DatasetError(f"image file not found: {path}") from exc
+    except PermissionError as exc:
+        raise DatasetError(f"image file {path} is not readable by this user; check its permissions") from exc
     except _READ_ERRORS as exc:
         raise DatasetError(
             f"cannot decode image file {path}: {exc}. The file is corrupt, truncated or not an image; replace or delete it"
         ) from exc
+
+
+def _bounded_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    """``(w, h)`` scaled so that the long side is ``max_side``; None if the image is small enough."""
+    if max_side is None or max(width, height) <= max_side:
+        return None
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -83,10 +128,13 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB ``uint8`` ``(H, W, 3)``; raise DatasetError naming the file if unreadable."""
+def read_image(path: str | Path, max_side: int | None = None) -> np.ndarray:
+    """Read an image file as RGB ``uint8`` ``(H, W, 3)``; raise DatasetError naming the file if unreadable.
+
+    ``max_side``: downscale (aspect kept) so that the long side is at most this many pixels.
+    """
     path = Path(path)
-    image = _open_decoded(path)
+    image = _open_decoded(path, max_side)
     try:
         return to_rgb_uint8(image)
     except (ValueError, OSError) as exc:

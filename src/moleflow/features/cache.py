@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from moleflow import __version__
+from moleflow.atomic import atomic_write
 from moleflow.config import BackboneConfig
 from moleflow.features.extractor import FeatureExtractor, image_to_tensor
 
@@ -150,9 +151,8 @@ class CachedFeatures:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file atomically (temporary file, then ``os.replace``)."""
+        """Write a safetensors file atomically (:func:`moleflow.atomic.atomic_write`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"patches": self.patches, "pooled": self.pooled}
         if self.context is not None:
             tensors["context"] = self.context
@@ -162,28 +162,25 @@ class CachedFeatures:
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "moleflow_version": __version__,
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        return atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path, expected: Mapping[str, Any] | None = None) -> CachedFeatures:
         """Read a cache written by :meth:`save`; with ``expected`` (see :func:`cache_fingerprint`),
         raise :class:`CacheMismatchError` unless the stored fingerprint equals it."""
         path = Path(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-                raise CacheMismatchError(
-                    f"{path} is not a moleflow feature cache of format version {FORMAT_VERSION} "
-                    f"(found format={meta.get('format')!r}, version={meta.get('format_version')!r}); "
-                    "delete it"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors' own error types for truncated or garbage files
+            raise CacheMismatchError(f"feature cache file {path} is unreadable ({e}); delete it") from e
+        if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
+            raise CacheMismatchError(
+                f"{path} is not a moleflow feature cache of format version {FORMAT_VERSION} "
+                f"(found format={meta.get('format')!r}, version={meta.get('format_version')!r}); delete it"
+            )
         stored = json.loads(meta.get("fingerprint", "{}"))
         if expected is not None:
             _check_fingerprint(path, stored, json.loads(json.dumps(dict(expected), sort_keys=True)))
