@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from moleflow.atomic import write_json_atomic
 from moleflow.baselines.patchcore import PatchCoreScorer
 from moleflow.config import apply_overrides, preset
 from moleflow.data import resolve_task
 from moleflow.evaluation import metrics as M
-from moleflow.atomic import write_json_atomic
 from moleflow.experiment import ContinualExperiment
 from moleflow.report import format_summary_table, pct, write_report
 from moleflow.scoring import anomaly_maps
