@@ -1,0 +1,5 @@
+"""``python -m moleflow``: the same command line as ``moleflow``."""
+
+from moleflow.cli import main
+
+raise SystemExit(main())
