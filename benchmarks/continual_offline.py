@@ -19,7 +19,8 @@ import numpy as np
 from moleflow.baselines.patchcore import PatchCoreScorer
 from moleflow.config import apply_overrides, preset
 from moleflow.data import resolve_task
-from moleflow.evaluation import metrics as M
+from moleflow.evaluation.protocol import METRIC_NAMES
+from moleflow.evaluation.task_metrics import task_metrics
 from moleflow.experiment import ContinualExperiment, write_json_atomic
 from moleflow.report import format_summary_table, pct, write_report
 from moleflow.scoring import anomaly_maps
@@ -45,14 +46,9 @@ def patchcore_baseline(exp: ContinualExperiment, tasks, coreset_ratio: float) ->
         scorer = PatchCoreScorer(coreset_ratio=coreset_ratio).fit(train.patches)
         es = exp.eval_sets[task.name]
         patch = scorer.score(es.features.patches)
-        values = {"image_auroc": M.image_auroc(scorer.image_scores(es.features.patches).numpy(), es.labels)}
-        if es.masks is not None:
-            maps = anomaly_maps(patch, (size, size), exp.cfg.scoring.smoothing_sigma).numpy()
-            values.update(
-                pixel_auroc=M.pixel_auroc(maps, es.masks),
-                pixel_ap=M.pixel_ap(maps, es.masks),
-                aupro=M.aupro(maps, es.masks),
-            )
+        maps = None if es.masks is None else anomaly_maps(patch, (size, size), exp.cfg.scoring.smoothing_sigma).numpy()
+        image_scores = scorer.image_scores(es.features.patches).numpy()
+        values: dict = task_metrics(image_scores, es.labels, maps, es.masks).values  # all metrics, None where n/a
         values["seconds"] = time.perf_counter() - start
         out[task.name] = {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in values.items()}
         log.info("patchcore %s: %s", task.name, out[task.name])
@@ -60,7 +56,7 @@ def patchcore_baseline(exp: ContinualExperiment, tasks, coreset_ratio: float) ->
 
 
 def markdown(results: dict, baseline: dict, command: str) -> str:
-    metrics = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+    metrics = [m for m in METRIC_NAMES if m in results["metrics"]]  # the newer metrics once results carry them
     lines = [
         f"Command: `{command}`",
         "",

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from moleflow.config import PRESETS, ConfigError, apply_overrides, dump_yaml, load_config, preset, schema_text, to_dict
 
 SCHEMA = json.loads(schema_text())
-FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _resolve(node: dict[str, Any]) -> dict[str, Any]:
