@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moleflow.config import BackboneConfig
+from moleflow.config import BackboneConfig, replace
 from moleflow.features.extractor import (
     FeatureExtractor,
     cnn_patches,
@@ -138,7 +138,7 @@ def test_embed_dim_wider_than_layers_is_rejected() -> None:
 
 
 def test_pretrained_features_differ_from_random(lite0: FeatureExtractor) -> None:
-    random = FeatureExtractor(BackboneConfig(**{**LITE0.__dict__, "pretrained": False}))
+    random = FeatureExtractor(replace(LITE0, pretrained=False))
     x = lite0.preprocess(_images(1))
     assert not torch.allclose(lite0(x).patches, random(x).patches, atol=1e-2)
 

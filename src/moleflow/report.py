@@ -25,12 +25,41 @@ from moleflow.visualize import (
 
 __all__ = ["METRICS", "TaskExamples", "format_summary_table", "pct", "text_table", "write_report"]
 
-METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+METRICS = (
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_ap",
+    "aupro",
+    "image_ap",
+    "image_f1_max",
+    "pixel_f1_max",
+    "pro_at_threshold",
+)
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
     "pixel_auroc": "Pixel AUROC",
     "pixel_ap": "Pixel AP",
     "aupro": "AUPRO",
+    "image_ap": "Image AP",
+    "image_f1_max": "Image F1-max",
+    "pixel_f1_max": "Pixel F1-max",
+    "pro_at_threshold": "PRO at threshold",
+}
+# Column heads of the plain-text summary: the first four always, the others when results carry them.
+SUMMARY_COLUMNS = (
+    ("image_auroc", "img AUROC"),
+    ("pixel_auroc", "pix AUROC"),
+    ("pixel_ap", "pix AP"),
+    ("aupro", "AUPRO"),
+    ("image_ap", "img AP"),
+    ("image_f1_max", "img F1"),
+    ("pixel_f1_max", "pix F1"),
+    ("pro_at_threshold", "PRO@thr"),
+)
+OPERATING_POINT_TITLES = {
+    "image_f1_threshold": "Image F1-max threshold",
+    "pixel_f1_threshold": "Pixel F1-max threshold",
+    "pro_threshold": "PRO threshold",
 }
 NULL = "–"
 
@@ -209,6 +238,22 @@ def _calibration_section(results: dict) -> list[str]:
     return intro + _md_table(header, rows)
 
 
+def _operating_points_section(results: dict) -> list[str]:
+    points = results.get("operating_points")
+    if not points:
+        return []
+    names = list(OPERATING_POINT_TITLES) + sorted({k for p in points.values() for k in p} - set(OPERATING_POINT_TITLES))
+    names = [n for n in names if any(n in p for p in points.values())]
+    rows = [[t] + [_num((points.get(t) or {}).get(n), "{:.4g}") for n in names] for t in results["tasks"]]
+    lines = [
+        "## Operating points",
+        "",
+        "Score thresholds (routed, after the last task): where F1 peaks, and where PRO was taken.",
+        "",
+    ]
+    return lines + _md_table(["Task"] + [OPERATING_POINT_TITLES.get(n, n) for n in names], rows)
+
+
 def _timing_section(results: dict) -> list[str]:
     timing = results.get("timing")
     if not timing:
@@ -384,6 +429,7 @@ def write_report(run_dir: Path, results: dict, examples: dict[str, TaskExamples]
     lines += _summary_section(results)
     lines += _matrix_section((results.get("metrics") or {}).get("image_auroc"), tasks, "routed")
     lines += _matrix_section((results.get("metrics_oracle") or {}).get("image_auroc"), tasks, "oracle")
+    lines += _operating_points_section(results)
     lines += _forgetting_section(results)
     lines += _routing_section(results, confusion_fig)
     lines += _calibration_section(results)
@@ -396,17 +442,13 @@ def write_report(run_dir: Path, results: dict, examples: dict[str, TaskExamples]
 
 
 def format_summary_table(results: dict) -> str:
-    """Fixed-width plain-text table of final per-task metrics (%), a mean row and the routing accuracy."""
+    """Fixed-width plain-text table of final per-task metrics (%), a mean row and the routing accuracy.
+
+    The four metrics of the first release are always columns; image AP, F1-max and PRO at the threshold
+    join them when the results carry them (older results.json files have only the four).
+    """
     routed, oracle = results.get("metrics") or {}, results.get("metrics_oracle") or {}
-    columns = [
-        (routed, m, head)
-        for m, head in (
-            ("image_auroc", "img AUROC"),
-            ("pixel_auroc", "pix AUROC"),
-            ("pixel_ap", "pix AP"),
-            ("aupro", "AUPRO"),
-        )
-    ]
+    columns = [(routed, m, head) for k, (m, head) in enumerate(SUMMARY_COLUMNS) if k < 4 or m in routed]
     columns.append((oracle, "image_auroc", "oracle img"))
     tasks = list(results["tasks"])
     rows = [[t] + [pct(_at((sec.get(m) or {}).get("final"), j)) for sec, m, _ in columns] for j, t in enumerate(tasks)]

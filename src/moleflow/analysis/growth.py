@@ -13,7 +13,6 @@ counts, checkpoint bytes and memory are those of a trained model. The closed for
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import resource
@@ -26,7 +25,7 @@ import torch
 
 from moleflow.analysis.outputs import markdown_table, write_analysis
 from moleflow.checkpoint import save_base, save_router, save_task, task_file
-from moleflow.config import FlowConfig, LoRAConfig, ModelConfig, MoleFlowConfig
+from moleflow.config import FlowConfig, LoRAConfig, ModelConfig, MoleFlowConfig, replace
 from moleflow.flow.model import MoLEFlow
 from moleflow.routing import Router
 from moleflow.visualize import new_figure, save_figure
@@ -97,7 +96,7 @@ def backbone_dims(cfg: MoleFlowConfig) -> tuple[int | None, int]:
         return None, cfg.model.backbone.embed_dim
     from moleflow.features.extractor import FeatureExtractor
 
-    extractor = FeatureExtractor(dataclasses.replace(cfg.model.backbone, pretrained=False))
+    extractor = FeatureExtractor(replace(cfg.model.backbone, pretrained=False))
     router_dim = extractor.pooled_dim if cfg.router.feature == "backbone_pooled" else cfg.model.backbone.embed_dim
     return (extractor.context_dim if needs_context else None), router_dim
 

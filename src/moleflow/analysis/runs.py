@@ -27,11 +27,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moleflow.analysis.outputs import write_json, write_text
-from moleflow.config import MoleFlowConfig, apply_overrides, dump_yaml
+from moleflow.config import MoleFlowConfig, apply_overrides, dump_yaml, replace
 from moleflow.data import TaskData, parse_limits, resolve_tasks
 from moleflow.evaluation.protocol import Matrix, final_mean, forgetting
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from moleflow.data.errors import DatasetError
-from moleflow.data.io import image_size, read_image, read_mask
+from moleflow.data.io import image_size, read_image, read_mask_for
 from moleflow.names import check_task_name
 
 __all__ = ["DatasetError", "Sample", "FileSample", "ArraySample", "TaskData", "check_task_name"]
@@ -101,16 +101,9 @@ class FileSample(Sample):
     def load_mask(self) -> np.ndarray | None:
         if not self.masked:
             return None
-        height, width = image_size(self.image_path)
         if self.mask_path is None:
-            return np.zeros((height, width), dtype=np.float32)
-        mask = read_mask(self.mask_path)
-        if mask.shape != (height, width):
-            raise DatasetError(
-                f"mask {self.mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
-                f"{self.image_path} is {width}x{height}; masks must have the image's size"
-            )
-        return mask
+            return np.zeros(image_size(self.image_path), dtype=np.float32)
+        return read_mask_for(self.mask_path, self.image_path)  # sizes checked, orientation rule applied
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from moleflow.data.base import Sample, TaskData
-from moleflow.evaluation import metrics as M
+from moleflow.evaluation.task_metrics import TASK_METRICS, task_metrics
 from moleflow.features.cache import CachedFeatures
 from moleflow.inference import ScoredBatch
 from moleflow.prediction import ANOMALOUS, UNKNOWN
 
 __all__ = ["METRICS", "EvalSet", "ProductEvaluation", "evaluate_product", "prepare_eval_set", "verdict_summary"]
 
-METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+METRICS = TASK_METRICS
 
 
 @dataclass
@@ -44,6 +44,7 @@ class ProductEvaluation:
     name: str
     routed: dict[str, float | None]
     oracle: dict[str, float | None] | None
+    operating_points: dict[str, float | None]  # routed: score thresholds of the F1 maxima and of PRO
     scored: ScoredBatch  # routed
     maps: np.ndarray | None  # (N, S, S) routed anomaly maps (products with masks)
     verdicts: list[str]
@@ -59,32 +60,30 @@ def prepare_eval_set(detector, task: TaskData) -> EvalSet:
     return EvalSet(task.name, task.test, feats, labels, masks, time.perf_counter() - start)
 
 
-def _metrics(detector, scored: ScoredBatch, es: EvalSet) -> tuple[dict[str, float | None], np.ndarray | None]:
+def _metrics(detector, scored: ScoredBatch, es: EvalSet):
+    """``(TaskMetrics, maps (N, S, S) or None)``; PRO is taken at the product's calibrated pixel threshold."""
     from moleflow.scoring import anomaly_maps
 
-    values: dict[str, float | None] = dict.fromkeys(METRICS)
-    values["image_auroc"] = _finite(M.image_auroc(scored.image_scores.numpy(), es.labels))
     maps = None
     if es.masks is not None:
         size = detector.cfg.model.backbone.image_size
         maps = anomaly_maps(scored.patch_scores, (size, size), detector.cfg.scoring.smoothing_sigma).numpy()
-        values["pixel_auroc"] = _finite(M.pixel_auroc(maps, es.masks))
-        values["pixel_ap"] = _finite(M.pixel_ap(maps, es.masks))
-        values["aupro"] = _finite(M.aupro(maps, es.masks))
-    return values, maps
+    threshold = detector.records[es.name].calibration.pixel_threshold if es.name in detector.records else None
+    return task_metrics(scored.image_scores.numpy(), es.labels, maps, es.masks, threshold), maps
 
 
 def evaluate_product(detector, es: EvalSet, oracle: bool = True) -> ProductEvaluation:
     """Routed (and, with ``oracle``, product-given) metrics and thresholded verdicts of ``es``."""
     routed = detector.score(es.features)
-    routed_values, maps = _metrics(detector, routed, es)
+    routed_metrics, maps = _metrics(detector, routed, es)
     oracle_values = None
     if oracle:
         own = torch.full((len(es.labels),), detector.router.tasks.index(es.name), dtype=torch.long)
-        oracle_values, _ = _metrics(detector, detector.score(es.features, own), es)
+        oracle_values = _metrics(detector, detector.score(es.features, own), es)[0].values
     verdicts, _, _ = detector.decide(routed)
+    summary = verdict_summary(verdicts, es.labels)
     return ProductEvaluation(
-        es.name, routed_values, oracle_values, routed, maps, verdicts, verdict_summary(verdicts, es.labels)
+        es.name, routed_metrics.values, oracle_values, routed_metrics.operating_points, routed, maps, verdicts, summary
     )
 
 
@@ -105,7 +104,3 @@ def verdict_summary(verdicts: list[str], labels: np.ndarray) -> dict[str, float 
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     return (F.interpolate(t, size=(size, size), mode="nearest")[0, 0] > 0.5).numpy().astype(np.uint8)
-
-
-def _finite(value: float | None) -> float | None:
-    return None if value is None or not np.isfinite(value) else float(value)

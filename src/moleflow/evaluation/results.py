@@ -19,7 +19,7 @@ from typing import Any
 
 from moleflow import __version__
 from moleflow.evaluation.evaluate import METRICS, ProductEvaluation
-from moleflow.evaluation.protocol import _clean, final_mean, final_row, forgetting
+from moleflow.evaluation.protocol import _clean, final_mean, final_row, forgetting, operating_points_section
 from moleflow.prediction import UNKNOWN
 
 __all__ = ["MODES", "ResultsBook"]
@@ -39,6 +39,7 @@ class ResultsBook:
         self.tests: dict[str, dict[str, Any]] = {}  # product -> verdict summary of its last evaluation
         self.routed_to: dict[str, dict[str, int]] = {}  # true product -> {nearest product: images}
         self.rejected: dict[str, int] = {}  # true product -> images rejected as unknown products
+        self.operating_points: dict[str, dict[str, float | None]] = {}
         self.inference_ms_per_image: float | None = None
 
     # ------------------------------------------------------------------ structure
@@ -63,6 +64,7 @@ class ResultsBook:
         routing = results.get("routing") or {}
         book.routed_to = {k: dict(v) for k, v in (routing.get("routed_to") or {}).items()}
         book.rejected = dict(routing.get("rejected_as_unknown") or {})
+        book.operating_points = {k: dict(v) for k, v in (results.get("operating_points") or {}).items()}
         book.inference_ms_per_image = (results.get("timing") or {}).get("inference_ms_per_image")
         for name in [t for t in book.tasks if t not in products]:
             book.drop(name)
@@ -95,6 +97,7 @@ class ResultsBook:
         self.tests.pop(name, None)
         self.routed_to.pop(name, None)
         self.rejected.pop(name, None)
+        self.operating_points.pop(name, None)
         for counts in self.routed_to.values():
             counts.pop(name, None)
 
@@ -113,6 +116,7 @@ class ResultsBook:
             counts[router_tasks[index]] = counts.get(router_tasks[index], 0) + 1
         self.routed_to[evaluation.name] = counts
         self.rejected[evaluation.name] = sum(v == UNKNOWN for v in evaluation.verdicts)
+        self.operating_points[evaluation.name] = dict(evaluation.operating_points)
 
     # ------------------------------------------------------------------ results.json
 
@@ -144,6 +148,7 @@ class ResultsBook:
         for mode, key in MODES.items():
             out[key] = {m: _matrix_json(self.matrices[mode][m]) for m in METRICS}
         out["routing"] = self.routing()
+        out["operating_points"] = operating_points_section({n: self.operating_points.get(n, {}) for n in self.tasks})
         out["thresholds"] = {n: records[n].calibration.image_threshold for n in self.tasks}
         out["calibration"] = {n: {**records[n].calibration.summary(), "test": self.tests.get(n)} for n in self.tasks}
         out["timing"] = {
