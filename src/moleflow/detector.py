@@ -42,6 +42,7 @@ from moleflow.prediction import ANOMALOUS, NORMAL, UNKNOWN, Prediction, iter_inp
 from moleflow.rundir import RunDirectory, RunDirectoryError, RunIndex, TaskRecord
 from moleflow.sources import ResolvedSource, calibration_samples, holdout_split, resolve_source
 from moleflow.training import ContinualTrainer, product_seed
+from moleflow.training_log import TrainingLogger
 
 __all__ = ["Detector", "DetectorError", "TaskExistsError", "UnknownTaskError", "resolve_device"]
 
@@ -90,6 +91,7 @@ class Detector:
         feature_cache: str | os.PathLike[str] | None = None,
         num_workers: int = 0,
         progress: bool = True,
+        loggers: Sequence[TrainingLogger] = (),
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(device if device is not None else cfg.device)
@@ -102,6 +104,7 @@ class Detector:
         self.feature_cache = Path(feature_cache) if feature_cache is not None else None
         self.num_workers = num_workers
         self.progress = progress
+        self.loggers = list(loggers)
         self._extractor = None
         self._staged: set[str] = set()  # products learned since the last commit
         self._base_dirty = False
@@ -122,7 +125,7 @@ class Detector:
         """A detector with no product yet, from a config (preset name, YAML path or object).
 
         ``run_dir``: bind it to a new run directory (must not exist or be empty); ``options``: ``device``,
-        ``feature_cache``, ``num_workers``, ``progress``.
+        ``feature_cache``, ``num_workers``, ``progress``, ``loggers`` (training curves, moleflow.training_log).
         """
         from moleflow.flow.model import MoLEFlow
         from moleflow.routing import Router
@@ -310,7 +313,12 @@ class Detector:
         undo = self._snapshot(name, train_base)
         try:
             report = ContinualTrainer(self.model, self.router, self.cfg, self.device).learn_task(
-                name, train_feats.to(self.device), train_base=train_base, seed=seed, progress=self.progress
+                name,
+                train_feats.to(self.device),
+                train_base=train_base,
+                seed=seed,
+                progress=self.progress,
+                loggers=self.loggers,
             )
             cal_start = time.perf_counter()
             calibration = self.fit_calibration(name, calib_feats, method)

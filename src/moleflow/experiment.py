@@ -41,8 +41,9 @@ class ContinualExperiment:
         feature_cache: str | os.PathLike[str] | None = None,
         overwrite: bool = False,
         resume: bool = False,
+        loggers=(),
     ) -> None:
-        options = {"progress": progress, "num_workers": num_workers, "feature_cache": feature_cache}
+        options = {"progress": progress, "num_workers": num_workers, "feature_cache": feature_cache, "loggers": loggers}
         run = RunDirectory(run_dir)
         if resume and run.is_run():
             detector = Detector.load(run.path, **options)

@@ -114,21 +114,22 @@ def cmd_learn(args: argparse.Namespace) -> int:
     limits = parse_limits(args.limits)
     if args.calib and len(products) > 1:
         raise ValueError("--calib DIR holds one product's normal images: learn that product on its own")
+    from moleflow.training_log import build_loggers
+
+    loggers = build_loggers(args.logger or ["csv"], args.run_dir)
     options = {"progress": not args.no_progress, "num_workers": args.workers, "feature_cache": args.feature_cache}
     if args.device:
         options["device"] = args.device
-    detector = open_or_create(Path(args.run_dir), args.config, args.set, **options)
-    session = RunSession(detector)
-    for name, source in products:
-        session.learn(
-            source,
-            name,
-            evaluate=args.eval,
-            replace=args.replace,
-            calib=args.calib,
-            data_root=args.data,
-            limits=limits,
-        )
+    try:
+        detector = open_or_create(Path(args.run_dir), args.config, args.set, loggers=loggers, **options)
+        session = RunSession(detector)
+        for name, source in products:
+            session.learn(
+                source, name, evaluate=args.eval, replace=args.replace, calib=args.calib, data_root=args.data, limits=limits
+            )
+    finally:
+        for logger in loggers:
+            logger.close()
     print(format_tasks(session.detector.tasks(), session.results()))
     print(f"\nrun directory: {args.run_dir}  report: {Path(args.run_dir) / 'report.md'}")
     return 0
