@@ -260,6 +260,7 @@ class Detector:
         limits: tuple[int, int] | None = None,
         spec: str | None = None,
         commit: bool = True,
+        check: bool = True,
     ) -> TaskRecord:
         """Learn product ``name`` from ``source`` and calibrate its thresholds; returns its record.
 
@@ -269,12 +270,17 @@ class Detector:
         training normals are held out of training for it. ``replace``: retrain an existing product (its old
         parts stay in use until the new ones are committed). ``spec``: how to rebuild the product's data
         later (recorded for ``moleflow eval``; derived from ``source`` when it is a string). ``commit``:
-        write the change to the run directory now (``False``: at the next :meth:`commit`).
+        write the change to the run directory now (``False``: at the next :meth:`commit`). ``check``:
+        read every image (and mask) first, and refuse the product listing every problem (moleflow.validation).
         """
         check_task_name(name)
         if name in self.records and not replace:
             raise TaskExistsError(f"product {name!r} already exists; forget it first, or pass replace=True (--replace)")
         resolved = resolve_source(name, source, data_root, limits, self._run_path(), spec)
+        if check:
+            from moleflow.validation import validate_tasks
+
+            validate_tasks([resolved.task], calibration_samples(calib) if calib is not None else ())
         record, base_changed = self._learn(resolved, calib)
         self._staged.add(name)
         self._base_dirty |= base_changed

@@ -59,8 +59,37 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(directory: Path) -> list[Path]:
-    """Image files directly inside ``directory``, sorted by file name (hidden and non-image files skipped)."""
-    return sorted((p for p in directory.iterdir() if is_image_file(p)), key=lambda p: p.name)
+    """Image files directly inside ``directory``, sorted by file name (hidden and non-image files skipped).
+
+    An entry named like an image that is neither a regular file nor a directory (a dangling symbolic link,
+    a link loop, a FIFO) is an error naming every such entry, not a silent gap in the data.
+    """
+    entries = sorted(directory.iterdir(), key=lambda p: p.name)
+    named = [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()]
+    broken = [p for p in named if not _is_regular(p)]
+    if broken:
+        listed = ", ".join(f"{p.name} ({_kind(p)})" for p in broken[:10])
+        more = f" and {len(broken) - 10} more" if len(broken) > 10 else ""
+        raise DatasetError(f"{directory}: entries named like images are not image files: {listed}{more}; fix or remove them")
+    return named
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a symbolic link loop
+        return False
+
+
+def _kind(path: Path) -> str:
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except FileNotFoundError:
+            return "dangling symbolic link"
+        except (OSError, RuntimeError):
+            return "symbolic link loop"
+    return "directory" if path.is_dir() else "not a regular file"
 
 
 def _decode_error(path: Path, exc: Exception) -> DatasetError:
@@ -75,8 +104,8 @@ def max_image_pixels() -> int:
 
 
 def _check_regular(path: Path) -> None:
-    if path.is_symlink() and not path.exists():
-        raise DatasetError(f"{path} is a dangling symbolic link; fix or delete it")
+    if path.is_symlink() and not _is_regular(path):
+        raise DatasetError(f"{path} is a {_kind(path)}; fix or delete it")
     if path.exists() and not path.is_file():
         raise DatasetError(f"{path} is not a regular file (a directory, FIFO or device); remove it from the image folder")
 
