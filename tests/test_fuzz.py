@@ -263,3 +263,41 @@ def test_runs_are_readable_by_others_under_a_permissive_umask(tmp_path):
         if path.is_file() and path.name != ".lock":
             assert path.stat().st_mode & 0o044 == 0o044, path  # group and others may read
     assert json.loads((tmp_path / "run" / "tasks.json").read_text())["tasks"][0]["name"] == "x"
+
+
+def test_a_corrupt_visa_split_file_is_named(tmp_path, capsys):
+    (tmp_path / "visa" / "split_csv").mkdir(parents=True)
+    (tmp_path / "visa" / "split_csv" / "1cls.csv").write_bytes(b"\xff\xfe\x00garbage\x00\x81")
+    assert (
+        main(["train", "offline", "--data", str(tmp_path / "visa"), "--tasks", "candle", "--out", str(tmp_path / "r")]) == 2
+    )
+    assert "1cls.csv" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_on_a_huge_image_stays_within_bounded_memory(tiny_run, tmp_path):
+    """Decoding dominates: a 49-megapixel JPEG is decoded at a quarter of its size, the map is capped."""
+    import subprocess
+    import sys
+
+    small, big = tmp_path / "small.jpg", tmp_path / "big.jpg"
+    Image.fromarray(RNG.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(small, quality=80)
+    Image.new("RGB", (7000, 7000), (120, 130, 140)).save(big, quality=80)
+    code = (
+        "import resource, sys; from moleflow.cli import main; "
+        "code = main(['predict', sys.argv[1], sys.argv[2], '--out', sys.argv[3]]); "
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+    )
+    rss = {}
+    for image in (small, big):
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(tiny_run), str(image), str(tmp_path / image.stem)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        rss[image.stem] = int(done.stdout.split("RSS")[-1]) * 1024
+    assert rss["big"] - rss["small"] < 400e6  # a full-size decode alone would be 147 MB, its map 196 MB
+    row = json.loads((tmp_path / "big" / "predictions.json").read_text())[0]
+    assert row["image_size"] == [7000, 7000] and row["map_size"] == [2048, 2048]

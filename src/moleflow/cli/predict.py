@@ -114,7 +114,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_batch(detector, batch: list[InputImage], out_dir: Path, taken: set[Path], heatmaps: bool) -> list[dict]:
-    from moleflow.data.io import read_image
+    from moleflow.data.io import image_size, read_image
 
     images, readable, rows = [], [], []
     for item in batch:
@@ -125,7 +125,7 @@ def _predict_batch(detector, batch: list[InputImage], out_dir: Path, taken: set[
             log.warning("skipping %s: %s", item.path, e)
             rows.append({"image": str(item.path), "error": str(e)})
     for item, image, pred in zip(readable, images, detector.predict(images) if images else [], strict=True):
-        row = {**pred.to_json(), "image": str(item.path)}
+        row = {**pred.to_json(), "image": str(item.path), "image_size": list(image_size(item.path))}  # as stored
         if heatmaps:
             row["heatmap"] = str(_save_heatmap(detector, image, pred, _heatmap_path(out_dir, item, taken)))
         rows.append(row)
