@@ -13,13 +13,22 @@ A record holds ``task``, ``epoch`` (from 1), ``loss`` and its parts (``nll``, ``
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["LOGGERS", "CSVLogger", "MLflowLogger", "TensorBoardLogger", "TrainingLogger", "build_loggers"]
+__all__ = [
+    "LOGGERS",
+    "CSVLogger",
+    "MLflowLogger",
+    "TensorBoardLogger",
+    "TrainingLogger",
+    "build_loggers",
+    "training_loggers",
+]
 
 FIELDS = ("task", "epoch", "loss", "nll", "tail", "logdet_penalty", "whitening_reg", "lr", "seconds")
 
@@ -103,6 +112,17 @@ class MLflowLogger:
 
 
 LOGGERS = ("csv", "tensorboard", "mlflow")
+
+
+@contextlib.contextmanager
+def training_loggers(names: Sequence[str] | None, run_dir: str | os.PathLike[str]) -> Iterator[list[TrainingLogger]]:
+    """:func:`build_loggers` (``csv`` when ``names`` is empty), closed when the block ends."""
+    loggers = build_loggers(names or ["csv"], run_dir)
+    try:
+        yield loggers
+    finally:
+        for logger in loggers:
+            logger.close()
 
 
 def build_loggers(names: Sequence[str], run_dir: str | os.PathLike[str]) -> list[TrainingLogger]:

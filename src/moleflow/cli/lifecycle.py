@@ -110,7 +110,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from moleflow.detector import Detector
     from moleflow.session import RunSession
     from moleflow.sources import calibration_samples
-    from moleflow.training_log import build_loggers
+    from moleflow.training_log import training_loggers
     from moleflow.validation import validate_tasks
 
     products = _parse_products(args.products)
@@ -118,11 +118,10 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if args.calib and len(products) > 1:
         raise ValueError("--calib DIR holds one product's normal images: learn that product on its own")
     run_dir = Path(args.run_dir)
-    loggers = build_loggers(args.logger or ["csv"], run_dir)
     options = {"progress": not args.no_progress, "num_workers": args.workers, "feature_cache": args.feature_cache}
     if args.device:
         options["device"] = args.device
-    try:
+    with training_loggers(args.logger, run_dir) as loggers:
         detector, new_config = open_existing(run_dir, args.config, args.set, loggers=loggers, **options)
         resolved = resolve_products(detector, products, args.data, limits, args.replace, run_dir)
         validate_tasks([r.task for r in resolved], calibration_samples(args.calib) if args.calib else ())
@@ -132,9 +131,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
         session = RunSession(detector)
         for r in resolved:
             session.learn(r, r.task.name, evaluate=args.eval, replace=args.replace, calib=args.calib, check=False)
-    finally:
-        for logger in loggers:
-            logger.close()
     print(format_tasks(session.detector.tasks(), session.results()))
     print(f"\nrun directory: {run_dir}  report: {run_dir / 'report.md'}")
     return 0
