@@ -139,7 +139,7 @@ def _decode(
     except UnidentifiedImageError as exc:
         if not _might_be_tiff(source):
             raise NotAnImageError(
-                f"{name} is not an image file (no known image format: {exc}); give a PNG, JPEG, BMP, TIFF or WebP image"
+                f"{name} is not an image file (no known image format); give a PNG, JPEG, BMP, TIFF or WebP image"
             ) from exc
     except _READ_ERRORS as exc:
         raise _decode_error(name, exc) from exc
