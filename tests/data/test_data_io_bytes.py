@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +12,7 @@ from PIL import Image
 
 from moleflow.data.errors import DatasetError, ImageTooLargeError, NotAnImageError
 from moleflow.data.io import read_image, read_image_bytes
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares ``width x height`` RGB pixels but holds no pixel data (a 'bomb' header)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+from tests.helpers import png_header_only
 
 
 def _encoded(image: Image.Image, fmt: str, **kw) -> bytes:

@@ -17,13 +17,22 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from typing import Any
 
-from moleflow.serve.app import build_app, create_app
 from moleflow.serve.settings import ServeSettings, ServeSettingsError
 
 __all__ = ["ServeSettings", "ServeSettingsError", "build_app", "create_app", "serve"]
 
 log = logging.getLogger("moleflow.serve")
+
+
+def __getattr__(name: str) -> Any:
+    # the app needs FastAPI and torch: imported on first use, so the settings and the batcher are light
+    if name in ("build_app", "create_app"):
+        from moleflow.serve import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -36,6 +45,8 @@ def _is_loopback(host: str) -> bool:
 def serve(run_dir: str | os.PathLike[str], settings: ServeSettings | None = None) -> int:
     """Load the run, then serve it with uvicorn until interrupted (Ctrl-C / SIGTERM); returns 0."""
     import uvicorn
+
+    from moleflow.serve.app import create_app
 
     settings = settings or ServeSettings()
     app = create_app(run_dir, settings)  # a run that fails its checks stops here, before the port opens

@@ -123,12 +123,15 @@ class MicroBatcher(Generic[Item, Result]):
             )
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch in progress, fail what still waits (ShuttingDownError), end the worker."""
+        """Refuse new items, run those already queued, end the worker; what is still queued after
+        ``timeout`` seconds fails with ShuttingDownError (the worker then ends after its current call)."""
         with self._lock:
             self._stopping = True
         self._queue.put(_STOP)
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            return
         while True:
             try:
                 entry = self._queue.get_nowait()
@@ -136,6 +139,7 @@ class MicroBatcher(Generic[Item, Result]):
                 break
             if entry is not _STOP and entry[1].set_running_or_notify_cancel():
                 entry[1].set_exception(ShuttingDownError("the server stopped before this image was run"))
+        self._queue.put(_STOP)
 
     # ------------------------------------------------------------------ worker side
 

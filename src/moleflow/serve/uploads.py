@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from moleflow.data.errors import DatasetError, ImageTooLargeError, NotAnImageError
@@ -84,7 +85,7 @@ async def read_uploads(request: Request, settings: ServeSettings) -> list[Upload
         )
     try:
         form = await request.form(max_files=settings.max_images, max_fields=settings.max_images)
-    except HTTPException as e:
+    except StarletteHTTPException as e:  # what Starlette's form parser raises
         if "Too many files" in str(e.detail):
             raise HTTPException(
                 413, f"more than {settings.max_images} images in one request; send them in several requests"
