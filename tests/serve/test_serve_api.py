@@ -195,19 +195,25 @@ def test_a_full_queue_gets_503_and_the_queued_requests_are_still_answered(make_c
     blocked = _Blocked(served_detector.predict)
     monkeypatch.setattr(served_detector, "predict", blocked)
     form = files(("a.png", png(synthetic("disc", 0))))
-    with make_client(queue_size=2, max_images=1, max_batch=1) as client, ThreadPoolExecutor(3) as pool:
+    depth = lambda client: client.get("/metrics").json()["queue"]["depth"]  # noqa: E731
+    with make_client(queue_size=3, max_images=2, max_batch=1) as client, ThreadPoolExecutor(4) as pool:
         first = pool.submit(client.post, "/predict", files=form)
         assert blocked.entered.wait(10)  # the worker holds the first image
         queued = [pool.submit(client.post, "/predict", files=form) for _ in range(2)]
-        _wait_for(lambda: client.get("/metrics").json()["queue"]["depth"] == 2)
-        refused = client.post("/predict", files=form)
+        _wait_for(lambda: depth(client) == 2)
+        pair = client.post("/predict", files=form + form)  # 2 + 2 > 3: does not fit as a whole
+        queued.append(pool.submit(client.post, "/predict", files=form))  # 2 + 1 fits
+        _wait_for(lambda: depth(client) == 3)
+        full = client.post("/predict", files=form)  # refused before its body is read
         blocked.release.set()
         answered = [f.result(30) for f in [first, *queued]]
         metrics = client.get("/metrics").json()
-    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-    assert "busy" in refused.json()["detail"] and "2 images are waiting" in refused.json()["detail"]
-    assert [r.status_code for r in answered] == [200, 200, 200]
-    assert metrics["errors"]["refused_queue_full"] == 1 and metrics["model"]["images"] == 3
+    for refused in (pair, full):
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "busy: 2 images are waiting for the model (at most 3)" in pair.json()["detail"]
+    assert "the queue is full (3 images)" in full.json()["detail"]
+    assert [r.status_code for r in answered] == [200] * 4
+    assert metrics["errors"]["refused_queue_full"] == 2 and metrics["model"]["images"] == 4
 
 
 def test_a_request_past_its_timeout_gets_504_and_its_images_leave_the_queue(make_client, served_detector, monkeypatch):

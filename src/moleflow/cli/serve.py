@@ -24,6 +24,7 @@ def add_parser(sub, common) -> None:
     s.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
     s.add_argument("--max-upload-mb", type=float, default=64.0, help="request body size in MiB (default 64)")
     s.add_argument("--max-megapixels", type=float, help="pixels an image may have (default 50)")
+    s.add_argument("--max-connections", type=int, default=64, help="connections at once before 503 (default 64)")
     s.add_argument("--no-warmup", action="store_true", help="do not run one image through the model at start")
     common(s)
     s.set_defaults(func=cmd_serve)
@@ -46,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_upload_mb=args.max_upload_mb,
         max_megapixels=args.max_megapixels,
+        max_connections=args.max_connections,
         warmup=not args.no_warmup,
     )
     return serve(args.run_dir, settings)

@@ -52,5 +52,12 @@ def serve(run_dir: str | os.PathLike[str], settings: ServeSettings | None = None
     app = create_app(run_dir, settings)  # a run that fails its checks stops here, before the port opens
     if not _is_loopback(settings.host):
         log.warning("listening on %s: anyone who reaches this address can use the server (there is no login)", settings.host)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=10,
+    )
     return 0

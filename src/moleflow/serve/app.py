@@ -42,6 +42,7 @@ __all__ = ["build_app", "create_app"]
 
 log = logging.getLogger("moleflow.serve")
 STATIC = Path(__file__).with_name("static")
+BUSY = {"Retry-After": "1"}
 
 
 def create_app(run_dir: str | os.PathLike[str], settings: ServeSettings | None = None) -> FastAPI:
@@ -96,14 +97,17 @@ def _routes(app: FastAPI, service: InspectionService) -> None:
     @app.post("/predict")
     async def predict(request: Request, heatmap: Literal["none", "base64", "png"] = "none") -> Response:
         deadline = time.monotonic() + settings.request_timeout_s
+        if service.batcher.stats().depth >= settings.queue_size:  # refuse before reading and decoding the body
+            raise HTTPException(503, f"the server is busy: the queue is full ({settings.queue_size} images)", headers=BUSY)
         uploads = await read_uploads(request, settings)
         if heatmap == "png" and len(uploads) != 1:
             raise HTTPException(400, f"heatmap=png answers one image with its PNG; got {len(uploads)}: use heatmap=base64")
-        images = await run_in_threadpool(decode_uploads, uploads, settings)
+        async with service.decode_slots:
+            images = await run_in_threadpool(decode_uploads, uploads, settings)
         try:
             predictions = await service.infer(images, deadline)
         except QueueFullError as e:
-            raise HTTPException(503, f"the server is busy: {e}", headers={"Retry-After": "1"}) from e
+            raise HTTPException(503, f"the server is busy: {e}", headers=BUSY) from e
         except ShuttingDownError as e:
             raise HTTPException(503, str(e)) from e
         except RequestTimeoutError as e:

@@ -61,6 +61,7 @@ class InspectionService:
         self.detector = detector
         self.settings = settings
         self.metrics = Metrics(ROUTES)
+        self.decode_slots = asyncio.Semaphore(settings.decoders)  # decoded images take memory: a few at a time
         self.batcher: MicroBatcher[np.ndarray, Prediction] = MicroBatcher(
             self._predict,
             max_batch=settings.max_batch,

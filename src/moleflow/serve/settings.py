@@ -24,8 +24,11 @@ class ServeSettings:
     waiting for its results then gets 504; ``max_images`` / ``max_upload_mb``: per request (413 beyond);
     ``max_megapixels``: pixels an image's header may declare (413 beyond, before decoding; None: the
     library's bound, 50 or ``MOLEFLOW_MAX_IMAGE_MEGAPIXELS``); ``max_side``: uploads are decoded with their
-    long side at most this (a large JPEG at reduced scale), which also caps the heatmaps; ``warmup``: run
-    one image through the model before accepting requests, so the first request is not the slow one.
+    long side at most this (a large JPEG at reduced scale), which also caps the heatmaps; ``decoders``:
+    uploads decoded at once (each may take ``3 x max_megapixels`` MB while it is); ``max_connections``:
+    connections uvicorn accepts at once (503 beyond), which bounds the memory of uploads in flight to about
+    ``max_connections x max_upload_mb``; ``warmup``: run one image through the model before accepting
+    requests, so the first request is not the slow one.
     """
 
     host: str = "127.0.0.1"
@@ -39,6 +42,8 @@ class ServeSettings:
     max_upload_mb: float = 64.0
     max_megapixels: float | None = None
     max_side: int = 2048
+    decoders: int = 2
+    max_connections: int = 64
     warmup: bool = True
 
     def __post_init__(self) -> None:
@@ -52,6 +57,8 @@ class ServeSettings:
             ("max_upload_mb", self.max_upload_mb > 0, "> 0"),
             ("max_megapixels", self.max_megapixels is None or self.max_megapixels > 0, "> 0 (or unset)"),
             ("max_side", self.max_side >= 32, ">= 32"),
+            ("decoders", self.decoders >= 1, ">= 1"),
+            ("max_connections", self.max_connections >= 1, ">= 1"),
         )
         for name, ok, allowed in checks:
             if not ok:
