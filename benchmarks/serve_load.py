@@ -115,24 +115,30 @@ def run_clients(url: str, payloads: list[tuple[str, bytes]], clients: int, secon
 
 
 def library_throughput(run_dir: Path, images: list[Path], batch_size: int, repeats: int) -> dict:
-    """``Detector.predict`` on the image files (decoding included), after one warm-up batch."""
+    """``Detector.predict`` on the image files (decoding included, as the server does) and on the decoded
+    arrays (the model alone), after one warm-up batch."""
     import torch
 
+    from moleflow.data.io import read_image
     from moleflow.detector import Detector
+    from moleflow.serve.service import peak_rss_mib
 
     detector = Detector.load(run_dir, progress=False)
     detector.predict(images[:batch_size], batch_size=batch_size)
     paths = images * repeats
     start = time.perf_counter()
     detector.predict(paths, batch_size=batch_size)
-    wall = time.perf_counter() - start
-    from moleflow.serve.service import peak_rss_mib
-
+    from_files = time.perf_counter() - start
+    arrays = [read_image(p) for p in images] * repeats
+    start = time.perf_counter()
+    detector.predict(arrays, batch_size=batch_size)
+    from_arrays = time.perf_counter() - start
     return {
         "images": len(paths),
         "batch_size": batch_size,
-        "seconds": wall,
-        "images_per_s": len(paths) / wall,
+        "seconds": from_files,
+        "images_per_s": len(paths) / from_files,
+        "decoded_images_per_s": len(paths) / from_arrays,
         "torch_threads": torch.get_num_threads(),
         "process_peak_rss_mib": peak_rss_mib(),
     }
@@ -149,6 +155,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="the library's batch (and the server's --max-batch)")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the images for the library timing")
     parser.add_argument("--server-args", default="", help="extra `moleflow serve` options, e.g. '--max-wait-ms 5'")
+    parser.add_argument("--heatmap", action="store_true", help="ask for each heatmap (?heatmap=base64, as the page does)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 
@@ -158,6 +165,7 @@ def main() -> None:
     payloads = [(p.name, p.read_bytes()) for p in images]
     port = free_port()
     log_path = (args.json or Path("serve_load.json")).with_suffix(".server.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     server_args = ["--max-batch", str(args.batch_size), *args.server_args.split()]
     proc = start_server(args.run_dir, port, server_args, log_path)
     url = f"http://127.0.0.1:{port}"
@@ -166,7 +174,8 @@ def main() -> None:
         levels = []
         for n in (int(c) for c in args.clients.split(",")):
             before = httpx.get(f"{url}/metrics").json()["model"]
-            level = run_clients(f"{url}/predict", payloads, n, args.seconds, args.max_requests)
+            target = f"{url}/predict" + ("?heatmap=base64" if args.heatmap else "")
+            level = run_clients(target, payloads, n, args.seconds, args.max_requests)
             after = httpx.get(f"{url}/metrics").json()
             calls = after["model"]["calls"] - before["calls"]
             level["model_calls"] = calls
@@ -185,6 +194,8 @@ def main() -> None:
         "images": len(images),
         "image_sizes": sorted({Image.open(p).size for p in images}),
         "server_args": server_args,
+        "heatmap": args.heatmap,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "server_idle_rss_mib": idle,
         "levels": levels,
         "server_metrics": server_metrics,
@@ -210,8 +221,8 @@ def markdown(out: dict) -> str:
         )
     lib = out["library"]
     rows.append(
-        f"\nlibrary Detector.predict, batch {lib['batch_size']}: {lib['images_per_s']:.2f} images/s "
-        f"({lib['images']} images in {lib['seconds']:.1f} s)"
+        f"\nlibrary Detector.predict, batch {lib['batch_size']}: {lib['images_per_s']:.2f} images/s from files "
+        f"({lib['images']} images in {lib['seconds']:.1f} s), {lib['decoded_images_per_s']:.2f} images/s on decoded arrays"
     )
     return "\n".join(rows)
 

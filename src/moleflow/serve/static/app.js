@@ -75,8 +75,14 @@ function showResult(card, r) {
   const share = Math.max(0, Math.min(2, r.normalized_score)) / 2; // the bar spans 0 to 2x the threshold
   $(".fill", card).style.width = `${(100 * share).toFixed(1)}%`;
   const relation = r.normalized_score > 1 ? "above" : "below";
-  $(".score", card).textContent = `${fmt(r.normalized_score)} of 1.00 (${relation})`;
-  $(".raw", card).textContent = `${fmt(r.score, 4)} (threshold ${fmt(r.threshold, 4)})`;
+  if (r.unknown_product) {
+    // scored as the nearest product, which it is not: how far it lies from every product matters more
+    $(".score", card).textContent = `${fmt(r.normalized_score)} of 1.00 as ${r.nearest_product}`;
+    $(".raw", card).textContent = `routing distance ${fmt(r.routing_distance, 4)} (limit ${fmt(r.routing_threshold, 4)})`;
+  } else {
+    $(".score", card).textContent = `${fmt(r.normalized_score)} of 1.00 (${relation})`;
+    $(".raw", card).textContent = `${fmt(r.score, 4)} (threshold ${fmt(r.threshold, 4)})`;
+  }
   if (r.heatmap_png) $(".heatmap", card).src = `data:image/png;base64,${r.heatmap_png}`;
 }
 
