@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()  # other work on the machine shifts every number here: recorded
     images = find_images(args.image_dirs, args.max_images)
     if not images:
         raise SystemExit(f"no images in {args.image_dirs}")
@@ -190,7 +191,13 @@ def main() -> None:
     library = library_throughput(args.run_dir, images, args.batch_size, args.repeats)
     print(json.dumps({"library": library}), flush=True)
     out = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
         "images": len(images),
         "image_sizes": sorted({Image.open(p).size for p in images}),
         "server_args": server_args,
