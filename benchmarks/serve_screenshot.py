@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 from serve_load import free_port, start_server
@@ -38,7 +39,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    proc = start_server(args.run_dir, port, [], args.out.with_suffix(".server.log"))
+    proc = start_server(args.run_dir, port, [], Path(tempfile.mkdtemp()) / "server.log")
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
