@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-# the extras the test suite needs (anomalib, for the optional AUPRO cross-check, is left out: it is heavy)
+# the extras the test suite needs (anomalib, for the optional AUPRO cross-check, is left out: it is heavy);
+# [serve] for the server tests; the browser test also needs Debian's chromium (.ci/run installs it)
 $(BIN)/moleflow: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis]"
+	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis,serve]"
 	touch $@
 
 .PHONY: install test lint demo schema constraints

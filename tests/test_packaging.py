@@ -60,8 +60,12 @@ def _distribution(module: str) -> str:
 
 
 def test_every_import_of_the_package_is_declared_and_optional_ones_only_where_allowed() -> None:
-    # modules of an extra may be imported only under these paths
-    optional_home = {"analysis": "analysis/", "tensorboard": "training_log.py", "mlflow": "training_log.py"}
+    optional_home = {  # modules of an extra may be imported only under these paths
+        "analysis": "analysis/",
+        "serve": "serve/",
+        "tensorboard": "training_log.py",
+        "mlflow": "training_log.py",
+    }
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC).as_posix()
         for module in _imports(path):
