@@ -67,7 +67,7 @@ def _workers_option(sp: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moleflow.cli import lifecycle, predict, protocol
+    from moleflow.cli import export, lifecycle, predict, protocol
 
     p = argparse.ArgumentParser(
         prog="moleflow",
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     lifecycle.add_parsers(sub, _common, _workers_option)
     predict.add_parser(sub, _common)
+    export.add_parser(sub, _common)
     protocol.add_parsers(sub, _common, _workers_option)
     sub.add_parser("bench", help="speed and memory measurements: moleflow bench [--quick] [--json PATH]", add_help=False)
     sub.add_parser(
@@ -110,9 +111,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from moleflow.calibration import CalibrationError
     from moleflow.config import ConfigError
     from moleflow.errors import DatasetError
+    from moleflow.extras import MissingExtraError
     from moleflow.rundir import RunDirectoryError
 
     errors: list[type[BaseException]] = [ConfigError, DatasetError, RunDirectoryError, CalibrationError, OSError]
+    errors.append(MissingExtraError)
     if "moleflow.detector" in sys.modules:  # imported by the command; importing it here would import torch
         from moleflow.checkpoint import CheckpointError
         from moleflow.detector import DetectorError
