@@ -16,8 +16,10 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,31 +76,39 @@ def _check_out_dir(out: Path, run_dir: Path) -> None:
             )
 
 
-def _previous(out: Path) -> dict[str, FileEntry]:
-    """Files the previous manifest names, by relative path (none when there is no readable manifest)."""
+def _previous(out: Path) -> Manifest | None:
+    """The previous export's manifest, if there is a readable one."""
     if not is_export(out):
-        return {}
+        return None
     try:
-        return {f.file: f for f in Manifest.read(out).files()}
+        return Manifest.read(out)
     except ExportError as e:
         log.warning("previous export ignored, every graph is written anew: %s", e)
-        return {}
+        return None
 
 
 class _Writer:
     """Writes a file unless the previous manifest names it unchanged; records what it did."""
 
-    def __init__(self, out: Path, previous: dict[str, FileEntry], report: ExportReport) -> None:
-        self.out, self.previous, self.report = out, previous, report
+    def __init__(self, out: Path, previous: Manifest | None, report: ExportReport) -> None:
+        self.out, self.report = out, report
+        self.previous = {f.file: f for f in previous.files()} if previous is not None else {}
 
-    def file(self, relative: str, write) -> FileEntry:
+    def kept(self, relative: str) -> FileEntry | None:
+        """The previous export's entry of ``relative`` when that file is there unchanged."""
         old = self.previous.get(relative)
         if old is not None and old.matches(self.out):
             self.report.kept.append(relative)
             return old
+        return None
+
+    def file(self, relative: str, write: Callable[[Path], object]) -> FileEntry:
+        old = self.kept(relative)
+        if old is not None:
+            return old
         write(self.out / relative)
         self.report.written.append(relative)
-        log.info("wrote %s", self.out / relative)
+        log.debug("wrote %s", self.out / relative)
         return FileEntry.of(self.out, self.out / relative)
 
 
@@ -108,10 +118,66 @@ def _save_prototype(path: Path, mean: torch.Tensor, precision: torch.Tensor) -> 
     write_bytes_atomic(buffer.getvalue(), path)
 
 
+def _backbone(det, writer: _Writer, previous: Manifest | None, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(backbone entry, preprocessing)`` of the manifest; the backbone is traced only when the previous
+    export does not hold it already (building it alone costs seconds)."""
+    from moleflow.deploy.graphs import BackboneGraph, export_module
+
+    name = f"backbone-{key}.onnx"
+    if previous is not None and previous.backbone["graph"]["file"] == name and writer.kept(name) is not None:
+        return dict(previous.backbone), dict(previous.preprocessing)
+    cfg, model = det.cfg, det.model.eval()
+    extractor = det.extractor.set_memory_format(torch.contiguous_format)  # NCHW traces to plain Conv nodes
+    graph = BackboneGraph(extractor, model, cfg.router.feature).eval()
+    images = torch.zeros(EXAMPLE_BATCH, 3, extractor.image_size, extractor.image_size)
+    with torch.no_grad():
+        outputs = graph(images)
+    names = ["patches", "routing"] + (["context"] if graph.with_context else [])
+    entry = writer.file(name, lambda path: export_module(graph, (images,), path, ["images"], names))
+    backbone = {
+        "graph": asdict(entry),
+        "name": cfg.model.backbone.name,
+        "layers": list(cfg.model.backbone.layers),
+        "grid": list(extractor.grid),
+        "embed_dim": extractor.embed_dim,
+        "routing_dim": int(outputs[1].shape[1]),
+        "context_dim": int(outputs[2].shape[-1]) if graph.with_context else None,
+        "inputs": ["images"],
+        "outputs": names,
+    }
+    preprocessing = {
+        "image_size": extractor.image_size,
+        "mean": list(extractor.backbone.mean),
+        "std": list(extractor.backbone.std),
+        "resize": "RGB / 255, straight to image_size x image_size (aspect ratio not kept), bilinear with "
+        "antialiasing, then (x - mean) / std; layout (B, 3, S, S) float32",
+    }
+    return backbone, preprocessing
+
+
+def _product(det, writer: _Writer, name: str, backbone: dict[str, Any], key: str) -> ProductEntry:
+    """A product's head graph and prototype (each written only when new or changed)."""
+    from moleflow.deploy.graphs import HeadGraph, export_module
+
+    (h, w), generator = backbone["grid"], torch.Generator().manual_seed(0)
+    example = (torch.randn(EXAMPLE_BATCH, h, w, backbone["embed_dim"], generator=generator),)
+    if backbone["context_dim"] is not None:
+        example += (torch.randn(EXAMPLE_BATCH, h, w, backbone["context_dim"], generator=generator),)
+    inputs = ["patches", "context"][: len(example)]
+    record = det.records[name]
+    stem = f"{PRODUCTS}/{name}-{_key(key, record.parts_id)}"
+    head = writer.file(
+        f"{stem}.onnx", lambda path: export_module(HeadGraph(det.model, name), example, path, inputs, ["scores"])
+    )
+    mean, precision = det.router.prototype(name)
+    prototype = writer.file(f"{stem}.npz", lambda path: _save_prototype(path, mean, precision))
+    return ProductEntry(name, record.parts_id, head, prototype, record.summary())
+
+
 def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> ExportReport:
     """Export run ``run_dir`` into ``out_dir`` (new, empty, or an earlier export); see the module docstring."""
     from moleflow.checkpoint import model_fingerprint
-    from moleflow.deploy.graphs import BackboneGraph, HeadGraph, export_module, router_graph
+    from moleflow.deploy.graphs import router_graph
     from moleflow.detector import Detector
     from moleflow.extras import require_extra
     from moleflow.rundir import RunDirectory
@@ -122,72 +188,34 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str])
         raise ExportError(f"run {run_dir} has no products yet; learn one first (moleflow learn {run_dir} NAME=SOURCE)")
     out = Path(out_dir)
     _check_out_dir(out, Path(run_dir))
-    cfg, model = det.cfg, det.model.eval()
-    fingerprint = model_fingerprint(cfg)
-    extractor = det.extractor.set_memory_format(torch.contiguous_format)  # NCHW traces to plain Conv nodes
-    graph = BackboneGraph(extractor, model, cfg.router.feature).eval()
-    (h, w), size, dim = extractor.grid, extractor.image_size, extractor.embed_dim
-    images = torch.zeros(EXAMPLE_BATCH, 3, size, size)
-    with torch.no_grad():
-        backbone_outputs = graph(images)
-    outputs = ["patches", "routing"] + (["context"] if graph.with_context else [])
+    fingerprint = model_fingerprint(det.cfg)
+    key = _key(det.base_id, fingerprint)  # what every graph depends on besides a product's own parts
     report = ExportReport(out, det.products)
     with RunDirectory(out).writing():
-        writer = _Writer(out, _previous(out), report)
-        backbone_file = writer.file(
-            f"backbone-{_key(det.base_id, fingerprint)}.onnx",
-            lambda path: export_module(graph, (images,), path, ["images"], outputs),
-        )
+        previous = _previous(out)
+        writer = _Writer(out, previous, report)
+        backbone, preprocessing = _backbone(det, writer, previous, key)
         router_bytes = router_graph().SerializeToString()
-        router_file = writer.file(
+        router = writer.file(
             f"router-{hashlib.sha256(router_bytes).hexdigest()[:16]}.onnx",
             lambda path: write_bytes_atomic(router_bytes, path),
         )
-        head_inputs = ["patches"] + (["context"] if graph.with_context else [])
-        example = (backbone_outputs[0],) + ((backbone_outputs[2],) if graph.with_context else ())
-        products = []
-        for name in det.products:
-            record = det.records[name]
-            stem = f"{PRODUCTS}/{name}-{_key(det.base_id, fingerprint, record.parts_id)}"
-            head = writer.file(
-                f"{stem}.onnx",
-                lambda path, name=name: export_module(HeadGraph(model, name), example, path, head_inputs, ["scores"]),
-            )
-            mean, precision = det.router.prototype(name)
-            prototype = writer.file(f"{stem}.npz", lambda path, m=mean, p=precision: _save_prototype(path, m, p))
-            products.append(ProductEntry(name, record.parts_id, head, prototype, record.summary()))
         manifest = Manifest(
             moleflow=__version__,
             created_at=_now(),
             run=str(Path(run_dir).resolve()),
             base_id=det.base_id,
             model_fingerprint=fingerprint,
-            preprocessing={
-                "image_size": size,
-                "mean": list(extractor.backbone.mean),
-                "std": list(extractor.backbone.std),
-                "resize": "RGB / 255, straight to image_size x image_size (aspect ratio not kept), "
-                "bilinear with antialiasing, then (x - mean) / std; layout (B, 3, S, S) float32",
-            },
-            backbone={
-                "graph": asdict(backbone_file),
-                "name": cfg.model.backbone.name,
-                "layers": list(cfg.model.backbone.layers),
-                "grid": [h, w],
-                "embed_dim": dim,
-                "routing_dim": int(backbone_outputs[1].shape[1]),
-                "context_dim": int(backbone_outputs[2].shape[-1]) if graph.with_context else None,
-                "inputs": ["images"],
-                "outputs": outputs,
-            },
-            router={"graph": asdict(router_file), "metric": cfg.router.metric, "feature": cfg.router.feature},
+            preprocessing=preprocessing,
+            backbone=backbone,
+            router={"graph": asdict(router), "metric": det.cfg.router.metric, "feature": det.cfg.router.feature},
             scoring=det.scoring_settings(),
-            products=products,
+            products=[_product(det, writer, name, backbone, key) for name in det.products],
         )
         write_json_atomic(manifest.to_json(), out / MANIFEST)
         report.removed = _remove_unnamed(out, {f.file for f in manifest.files()})
     for relative in report.removed:
-        log.info("removed %s", out / relative)
+        log.debug("removed %s", out / relative)
     return report
 
 

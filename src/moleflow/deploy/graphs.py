@@ -6,9 +6,9 @@
   average poolings (which the ONNX exporter cannot express) written as the equal fixed averaging
   matrices: the configured image size fixes every layer's map size.
 - :class:`HeadGraph`: ``patches`` (and ``context``) -> patch scores ``(B, h, w)`` of one product: its
-  whitening, the mixer, the flow with its LoRA merged into the base weights (:mod:`moleflow.flow.lora`
-  folds them in eval mode without autograd, so each subnet linear is one matmul in the graph), its DIA,
-  and ``0.5 |z|^2 - log|det J|``. Thresholds are not in any graph: they stay in the manifest.
+  whitening, the mixer, the flow with its LoRA merged into the base weights (:func:`merged_model` puts
+  ``LoRALinear.merged_weight`` in place, so each subnet linear is one matmul in the graph), its DIA, and
+  ``0.5 |z|^2 - log|det J|``. Thresholds are not in any graph: they stay in the manifest.
 - :func:`router_graph`: squared Mahalanobis distances of routing features to prototypes that are the
   graph's *inputs* (float64), so adding a product adds data, not a graph.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from copy import deepcopy as copy_module
 from pathlib import Path
 
 import torch
@@ -26,10 +27,20 @@ from torch import nn
 
 from moleflow.atomic import atomic_write
 from moleflow.features.extractor import FeatureExtractor
+from moleflow.flow.lora import LoRALinear
 from moleflow.flow.model import MoLEFlow
 from moleflow.scoring import patch_scores
 
-__all__ = ["OPSET", "BackboneGraph", "HeadGraph", "average_matrix", "export_module", "router_graph"]
+__all__ = [
+    "OPSET",
+    "BackboneGraph",
+    "HeadGraph",
+    "MergedLinear",
+    "average_matrix",
+    "export_module",
+    "merged_model",
+    "router_graph",
+]
 
 OPSET = 17  # LayerNormalization is an ONNX op from 17 on
 
@@ -87,12 +98,36 @@ class BackboneGraph(nn.Module):
         return patches, routing
 
 
+class MergedLinear(nn.Module):
+    """One product's LoRA linear folded into a plain one: ``W_t = W + scale B_t A_t``, ``b_t = b + task bias``."""
+
+    def __init__(self, layer: LoRALinear, product: str) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.weight = nn.Parameter(layer.merged_weight(product).detach().clone(), requires_grad=False)
+            self.bias = nn.Parameter(layer.effective_bias(product).detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, task: str | None) -> torch.Tensor:
+        """``x (..., in) -> (..., out)``; ``task`` is the product this layer was merged for."""
+        return F.linear(x, self.weight, self.bias)
+
+
+def merged_model(model: MoLEFlow, product: str) -> MoLEFlow:
+    """A copy of ``model`` whose every LoRA linear is ``product``'s merged linear (one matmul in the graph)."""
+    copy = copy_module(model).eval()
+    for module in list(copy.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, MergedLinear(child, product))
+    return copy
+
+
 class HeadGraph(nn.Module):
     """See the module docstring; ``forward(patches[, context]) -> patch scores (B, h, w)``."""
 
     def __init__(self, model: MoLEFlow, product: str) -> None:
         super().__init__()
-        self.model, self.product = model, product
+        self.model, self.product = merged_model(model, product), product
 
     def forward(self, patches: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         out = self.model(patches, self.product, context)
