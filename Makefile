@@ -10,7 +10,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 $(BIN)/moleflow: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis]"
+	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis,onnx]"
 	touch $@
 
 .PHONY: install test lint demo schema constraints

@@ -251,6 +251,23 @@ def test_predict_on_an_export_imports_neither_torch_nor_timm(exported, tmp_path)
     assert all(Path(r["heatmap"]).is_file() for r in rows)
 
 
+def test_the_runtime_library_needs_only_numpy_pillow_and_onnxruntime(exported, tmp_path) -> None:
+    code = (
+        "import sys\n"
+        "from moleflow.deploy.runtime import OnnxDetector\n"
+        f"p = OnnxDetector.load({str(exported)!r}).predict([__import__('numpy').zeros((50, 70, 3), 'uint8')])[0]\n"
+        "assert p.anomaly_map.shape == (50, 70), p.anomaly_map.shape\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(done.stdout.split())
+    assert {"numpy", "PIL", "onnxruntime"} <= loaded
+    heavy = {"torch", "timm", "scipy", "matplotlib", "sklearn", "pydantic", "yaml", "tifffile", "safetensors", "onnx"}
+    assert not heavy & loaded, heavy & loaded
+
+
 def test_exporting_again_writes_only_what_changed(exported, run_copy, tmp_path, capsys) -> None:
     import shutil
 

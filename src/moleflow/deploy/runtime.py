@@ -91,9 +91,12 @@ class OnnxDetector:
         intra-op threads (default: its own choice). Other options of :meth:`Detector.load` (``progress``,
         ``check_calibration``...) are accepted and have nothing to do here: the export was checked when made.
         """
-        from moleflow.extras import require_extra
+        import importlib.util
 
-        require_extra("onnx", "the onnx runtime")
+        from moleflow.extras import MissingExtraError
+
+        if importlib.util.find_spec("onnxruntime") is None:  # the runtime needs it alone, not onnx itself
+            raise MissingExtraError("predicting an export needs onnxruntime: pip install onnxruntime (or 'moleflow[onnx]')")
         root = Path(export_dir)
         manifest = Manifest.read(root)
         if not manifest.products:
