@@ -6,13 +6,15 @@ Without ``--run`` it learns a throwaway run of the ``offline`` preset (two synth
 the architecture and so the cost are the preset's, the accuracy is beside the point), exports it, then
 times ``predict`` end to end (uint8 images -> Predictions with maps at input resolution) at batch 1 and
 batch 32 on both runtimes, with the same number of threads, and reports the worst parity differences
-on the timed images. Medians after a warm-up.
+on the timed images. Medians after a warm-up; the two runtimes take turns, so a shared machine's load
+weighs on both alike (the load average is printed with the table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -35,22 +37,31 @@ def _learn(run: Path) -> None:
     assert cli([*args, "--set", "train.epochs=1", "--eval", "none", "--no-progress", "-q"]) == 0
 
 
-def _time(predict, images: list[np.ndarray], batch: int, repeats: int) -> dict[str, float]:
+def _time(predictors: dict, images: list[np.ndarray], batch: int, repeats: int) -> list[dict]:
+    """Median seconds of ``predict`` on ``batch`` images per runtime; the runtimes take turns, so that a
+    shared machine's changing load weighs on both alike."""
     chunk = images[:batch]
-    for _ in range(2):
-        predict(chunk)
-    seconds = []
+    seconds: dict[str, list[float]] = {name: [] for name in predictors}
+    for det in predictors.values():  # warm-up: sessions, caches, thread pools
+        det.predict(chunk, batch_size=batch)
     for _ in range(repeats):
-        start = time.perf_counter()
-        predict(chunk)
-        seconds.append(time.perf_counter() - start)
-    median = statistics.median(seconds)
-    return {
-        "batch": batch,
-        "ms_per_batch": 1e3 * median,
-        "ms_per_image": 1e3 * median / batch,
-        "images_per_s": batch / median,
-    }
+        for name, det in predictors.items():
+            start = time.perf_counter()
+            det.predict(chunk, batch_size=batch)
+            seconds[name].append(time.perf_counter() - start)
+    rows = []
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        rows.append(
+            {
+                "runtime": name,
+                "batch": batch,
+                "ms_per_batch": 1e3 * median,
+                "ms_per_image": 1e3 * median / batch,
+                "images_per_s": batch / median,
+            }
+        )
+    return rows
 
 
 def _parity(torch_det, onnx_det, images: list[np.ndarray]) -> dict[str, float]:
@@ -89,18 +100,16 @@ def main() -> None:
             for i in range(16)
             for k in ("stripes", "disc")
         ]
-        rows = []
-        for name, det in (("torch", torch_det), ("onnxruntime", onnx_det)):
-            for batch in BATCHES:
-                rows.append(
-                    {
-                        "runtime": name,
-                        **_time(lambda x, d=det, b=batch: d.predict(x, batch_size=b), images, batch, args.repeats),
-                    }
-                )
+        load_before = os.getloadavg()[0]
+        predictors = {"torch": torch_det, "onnxruntime": onnx_det}
+        rows = [row for batch in BATCHES for row in _time(predictors, images, batch, args.repeats)]
+        load_after = os.getloadavg()[0]
         parity = _parity(torch_det, onnx_det, images)
         preset = torch_det.cfg.preset
-    print(f"preset {preset}, {args.threads} threads, {args.size}x{args.size} inputs, export took {export_s:.1f} s\n")
+    print(
+        f"preset {preset}, {args.threads} threads, {args.size}x{args.size} inputs, export took {export_s:.1f} s, "
+        f"load average {load_before:.1f} before / {load_after:.1f} after the timings\n"
+    )
     print("| runtime | batch | ms / batch | ms / image | images/s |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -115,7 +124,16 @@ def main() -> None:
     print(f"\nparity on the {len(images)} timed images: {parity}")
     if args.json:
         args.json.write_text(
-            json.dumps({"preset": preset, "threads": args.threads, "rows": rows, "parity": parity}, indent=2)
+            json.dumps(
+                {
+                    "preset": preset,
+                    "threads": args.threads,
+                    "rows": rows,
+                    "parity": parity,
+                    "load": [load_before, load_after],
+                },
+                indent=2,
+            )
         )
 
 

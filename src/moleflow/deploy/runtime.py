@@ -12,7 +12,8 @@ rounding (tests/test_onnx_export.py measures it). It imports neither torch nor t
 
 Per batch: preprocessing (:func:`~moleflow.deploy.arrays.image_batch`), the backbone graph, the router
 graph against every product's prototype, each routed group through its product's head, then image scores
-and anomaly maps in numpy (:mod:`moleflow.deploy.arrays`). A product's head session is opened on first use.
+and anomaly maps in numpy (:mod:`moleflow.deploy.arrays`). Every file is checked against the manifest's
+hashes on load; a product's head session is opened on first use.
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ class OnnxDetector:
         if threads:
             self._options.intra_op_num_threads = threads
         self._providers = _providers(device)
+        for entry in manifest.files():  # every file, heads included, before anything is used
+            entry.check(root)
         self._backbone = self._session(manifest.backbone_graph)
         self._router = self._session(manifest.router_graph)
         self._heads: dict[str, Any] = {}
         means, precisions = [], []
         for product in manifest.products:
-            with np.load(product.prototype.check(root)) as data:
+            with np.load(root / product.prototype.file) as data:
                 means.append(data["mean"])
                 precisions.append(data["precision"])
         self._means = np.stack(means).astype(np.float64)  # (T, G)
@@ -106,7 +109,7 @@ class OnnxDetector:
     def _session(self, entry: FileEntry):
         import onnxruntime as ort
 
-        path = entry.check(self.root)
+        path = self.root / entry.file
         return ort.InferenceSession(str(path), sess_options=self._options, providers=self._providers)
 
     def _head(self, name: str):
