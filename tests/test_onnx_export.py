@@ -301,7 +301,8 @@ def test_exporting_again_writes_only_what_changed(exported, run_copy, tmp_path, 
 
     assert main(["forget", str(run_copy), "disc"]) == 0
     assert main(["calibrate", str(run_copy), "stripes", "--threshold", "1.5", "--no-eval"]) == 0
-    assert main(["export", str(run_copy), "--out", str(out)]) == 0
+    report = Detector.load(run_copy).export(out)
+    assert report.written == [] and sorted(Path(f).name.split("-")[0] for f in report.removed) == ["disc", "disc"]
     third = _hashes(out)
     assert third == {k: v for k, v in second.items() if not Path(k).name.startswith("disc-")}  # nothing written
     det = OnnxDetector.load(out)
@@ -331,6 +332,12 @@ def test_bad_export_targets_and_damaged_exports_fail_in_one_line(exported, tiny_
     assert "not an export directory" in capsys.readouterr().err
     assert main(["predict", "--runtime", "torch", str(exported), str(image)]) == 2
     assert "is an export directory" in capsys.readouterr().err
+
+    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
+        Detector.load(tiny_run).export(tmp_path / "e", format="tflite")
+    with pytest.raises(ValueError, match="bind the detector to a run directory"):
+        Detector.create("offline").export(tmp_path / "e")
+    assert not (tmp_path / "e").exists()
 
     damaged = tmp_path / "damaged"
     shutil.copytree(exported, damaged)
