@@ -311,6 +311,16 @@ def test_exporting_again_writes_only_what_changed(exported, run_copy, tmp_path, 
     assert det.predict(stripes)[0].verdict == "anomalous"  # the threshold is data: no graph changed, the verdict did
 
 
+def test_export_without_the_onnx_extra_fails_in_one_line(tiny_run, tmp_path, monkeypatch, capsys) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install 'moleflow[onnx]'" in err and not (tmp_path / "e").exists()
+
+
 def test_bad_export_targets_and_damaged_exports_fail_in_one_line(exported, tiny_run, tmp_path, capsys) -> None:
     import shutil
 

@@ -115,7 +115,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from moleflow.rundir import RunDirectoryError
 
     errors: list[type[BaseException]] = [ConfigError, DatasetError, RunDirectoryError, CalibrationError, OSError]
-    errors.append(MissingExtraError)
+    errors += [MissingExtraError]
     if "moleflow.detector" in sys.modules:  # imported by the command; importing it here would import torch
         from moleflow.checkpoint import CheckpointError
         from moleflow.detector import DetectorError
