@@ -11,7 +11,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 $(BIN)/moleflow: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis,serve]"
+	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis,serve,onnx]"
 	touch $@
 
 .PHONY: install test lint demo schema constraints

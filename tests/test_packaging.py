@@ -63,6 +63,7 @@ def test_every_import_of_the_package_is_declared_and_optional_ones_only_where_al
     optional_home = {  # modules of an extra may be imported only under these paths
         "analysis": "analysis/",
         "serve": "serve/",
+        "onnx": "deploy/",
         "tensorboard": "training_log.py",
         "mlflow": "training_log.py",
     }

@@ -37,18 +37,18 @@ from moleflow.data.base import Sample, TaskData
 from moleflow.features.cache import CachedFeatures
 from moleflow.features.store import FeatureSource
 from moleflow.inference import ScoredBatch, score_features
+from moleflow.maps import MAX_MAP_SIDE, map_shape, resize_map
 from moleflow.names import check_task_name
-from moleflow.prediction import ANOMALOUS, NORMAL, UNKNOWN, Prediction, iter_inputs
+from moleflow.prediction import Prediction, decide, iter_inputs, make_prediction
 from moleflow.rundir import RunDirectory, RunDirectoryError, RunIndex, TaskRecord
 from moleflow.sources import ResolvedSource, calibration_samples, holdout_split, resolve_source
 from moleflow.training import ContinualTrainer, product_seed
 from moleflow.training_log import TrainingLogger
 
-__all__ = ["Detector", "DetectorError", "TaskExistsError", "UnknownTaskError", "resolve_device"]
+__all__ = ["MAX_MAP_SIDE", "Detector", "DetectorError", "TaskExistsError", "UnknownTaskError", "resolve_device"]
 
 log = logging.getLogger(__name__)
 SCORE_BATCH = 64
-MAX_MAP_SIDE = 2048
 
 
 class DetectorError(ValueError):
@@ -154,11 +154,18 @@ class Detector:
         """The detector saved in ``run_dir``; every file is checked (config fingerprint, base id).
 
         ``check_calibration``: refuse products whose thresholds were set under other scoring settings than
-        the config's (their scores would be compared with thresholds on another scale).
+        the config's (their scores would be compared with thresholds on another scale). Given an export
+        directory (``moleflow export``), returns its :class:`~moleflow.deploy.runtime.OnnxDetector`
+        (same predict API, on onnxruntime; it cannot learn).
         """
+        from moleflow.deploy.manifest import is_export
         from moleflow.flow.model import MoLEFlow
         from moleflow.routing import Router
 
+        if is_export(run_dir):
+            from moleflow.deploy.runtime import OnnxDetector
+
+            return OnnxDetector.load(run_dir, **options)  # type: ignore[return-value]
         run = RunDirectory(run_dir).require()
         cfg = run.read_config()
         index = run.read_index()
@@ -490,16 +497,12 @@ class Detector:
 
     def decide(self, scored: ScoredBatch) -> tuple[list[str], np.ndarray, np.ndarray]:
         """``(verdicts, unknown (B,) bool, normalized scores (B,))`` of scored images, per their product."""
-        from moleflow.calibration import normalized_score
-
         verdicts, unknown, normalized = [], np.zeros(len(scored), bool), np.zeros(len(scored))
         for i, (t, s, d) in enumerate(
             zip(scored.task_index.tolist(), scored.image_scores.tolist(), scored.distances.tolist(), strict=True)
         ):
-            cal = self.records[self.router.tasks[t]].calibration
-            unknown[i] = d > cal.unknown_threshold
-            normalized[i] = normalized_score(s, cal.image_center, cal.image_threshold)
-            verdicts.append(UNKNOWN if unknown[i] else (ANOMALOUS if s > cal.image_threshold else NORMAL))
+            verdict, unknown[i], normalized[i] = decide(s, d, self.records[self.router.tasks[t]].calibration)
+            verdicts.append(verdict)
         return verdicts, unknown, normalized
 
     def predict(self, images: Any, *, batch_size: int | None = None, max_map_side: int = MAX_MAP_SIDE) -> list[Prediction]:
@@ -524,37 +527,19 @@ class Detector:
 
     def _predict_batch(self, chunk: list[tuple[np.ndarray, str]], max_map_side: int) -> list[Prediction]:
         from moleflow.scoring import anomaly_maps
-        from moleflow.visualize import resize_map
 
         feats = self.extractor.extract([image for image, _ in chunk])
         cached = CachedFeatures(feats.patches, feats.context if self.model.scale_context is not None else None, feats.pooled)
         scored = self.score(cached)
         size = self.cfg.model.backbone.image_size
         maps = anomaly_maps(scored.patch_scores, (size, size), self.cfg.scoring.smoothing_sigma).numpy()
-        verdicts, unknown, normalized = self.decide(scored)
         out = []
         for i, (image, label) in enumerate(chunk):
             product = self.router.tasks[int(scored.task_index[i])]
+            amap = resize_map(maps[i], map_shape(image.shape[:2], max_map_side))
             cal = self.records[product].calibration
-            amap = resize_map(maps[i], _map_shape(image.shape[:2], max_map_side))
-            mask = (amap > cal.pixel_threshold) if verdicts[i] == ANOMALOUS else np.zeros(amap.shape, bool)
-            out.append(
-                Prediction(
-                    source=label,
-                    product=product,
-                    unknown=bool(unknown[i]),
-                    routing_distance=float(scored.distances[i]),
-                    routing_threshold=cal.unknown_threshold,
-                    score=float(scored.image_scores[i]),
-                    normalized_score=float(normalized[i]),
-                    threshold=cal.image_threshold,
-                    verdict=verdicts[i],
-                    pixel_threshold=cal.pixel_threshold,
-                    image_size=(int(image.shape[0]), int(image.shape[1])),
-                    anomaly_map=amap,
-                    mask=mask,
-                )
-            )
+            score, distance = float(scored.image_scores[i]), float(scored.distances[i])
+            out.append(make_prediction(label, image.shape[:2], product, cal, score, distance, amap))
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -580,6 +565,17 @@ class Detector:
         self._staged.clear()
         self._base_dirty = False
 
+    def export(self, out_dir: str | os.PathLike[str], format: str = "onnx"):
+        """Export the run this detector is bound to (as committed) for deployment without torch; returns
+        a :class:`moleflow.deploy.export.ExportReport`. See :mod:`moleflow.deploy.export`."""
+        if format != "onnx":
+            raise DetectorError(f"unknown export format {format!r}; the one there is: onnx")
+        if self.run is None or self._staged or self._base_dirty:
+            raise DetectorError("export works on a saved run: bind the detector to a run directory and commit first")
+        from moleflow.deploy.export import export_run
+
+        return export_run(self.run.path, out_dir)
+
     def save(self, run_dir: str | os.PathLike[str] | None = None) -> RunDirectory:
         """Write the whole model to ``run_dir`` (new or empty; the detector is bound to it afterwards), or
         rewrite every file of the run it is bound to."""
@@ -594,10 +590,3 @@ class Detector:
         self._staged, self._base_dirty = set(self.records), self.base_id is not None
         self.commit()
         return run
-
-
-def _map_shape(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """The input's ``(H, W)``, scaled down so that its long side is at most ``max_side``."""
-    h, w = shape
-    scale = min(1.0, max_side / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))

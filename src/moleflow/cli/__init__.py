@@ -77,7 +77,7 @@ def _workers_option(sp: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moleflow.cli import lifecycle, predict, protocol, serve
+    from moleflow.cli import export, lifecycle, predict, protocol, serve
 
     p = argparse.ArgumentParser(
         prog="moleflow",
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     lifecycle.add_parsers(sub, _common, _training_options)
     predict.add_parser(sub, _common)
     serve.add_parser(sub, _common)
+    export.add_parser(sub, _common)
     protocol.add_parsers(sub, _common, _training_options)
     sub.add_parser("bench", help="speed and memory measurements: moleflow bench [--quick] [--json PATH]", add_help=False)
     sub.add_parser(
