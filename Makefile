@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-# the extras the test suite needs (anomalib, for the optional AUPRO cross-check, is left out: it is heavy)
+# the extras the test suite needs (anomalib, for the optional AUPRO cross-check, is left out: it is heavy;
+# ray is in: tests/test_parallel.py runs a local Ray cluster)
 $(BIN)/moleflow: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis]"
+	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis,ray]"
 	touch $@
 
 .PHONY: install test lint demo schema constraints

@@ -38,6 +38,7 @@ from moleflow.features.cache import CachedFeatures
 from moleflow.features.store import FeatureSource
 from moleflow.inference import ScoredBatch, score_features
 from moleflow.names import check_task_name
+from moleflow.portable import DetectorState, ProductState, add_product, build_model, detector_state, product_state
 from moleflow.prediction import ANOMALOUS, NORMAL, UNKNOWN, Prediction, iter_inputs
 from moleflow.rundir import RunDirectory, RunDirectoryError, RunIndex, TaskRecord
 from moleflow.sources import ResolvedSource, calibration_samples, holdout_split, resolve_source
@@ -90,6 +91,7 @@ class Detector:
         feature_cache: str | os.PathLike[str] | None = None,
         num_workers: int = 0,
         progress: bool = True,
+        extractor=None,
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(device if device is not None else cfg.device)
@@ -102,7 +104,8 @@ class Detector:
         self.feature_cache = Path(feature_cache) if feature_cache is not None else None
         self.num_workers = num_workers
         self.progress = progress
-        self._extractor = None
+        self._extractor = extractor  # None: built on first use; given: a FeatureExtractor of this backbone config
+        self.on_stage: Callable[[str, str], None] | None = None  # (product, stage) as learning moves on
         self._staged: set[str] = set()  # products learned since the last commit
         self._base_dirty = False
         if list(self.records) != self.router.tasks:
@@ -271,13 +274,25 @@ class Detector:
         check_task_name(name)
         if name in self.records and not replace:
             raise TaskExistsError(f"product {name!r} already exists; forget it first, or pass replace=True (--replace)")
-        resolved = resolve_source(name, source, data_root, limits, self._run_path(), spec)
+        resolved = self.resolve(name, source, data_root=data_root, limits=limits, spec=spec)
         record, base_changed = self._learn(resolved, calib)
         self._staged.add(name)
         self._base_dirty |= base_changed
         if commit:
             self.commit()
         return record
+
+    def resolve(
+        self,
+        name: str,
+        source: str | os.PathLike[str] | TaskData | ResolvedSource,
+        *,
+        data_root: str | os.PathLike[str] | None = None,
+        limits: tuple[int, int] | None = None,
+        spec: str | None = None,
+    ) -> ResolvedSource:
+        """The data of product ``name`` from ``source`` and how the run records it (see :meth:`learn`)."""
+        return resolve_source(name, source, data_root, limits, self._run_path(), spec)
 
     def _learn(self, resolved: ResolvedSource, calib) -> tuple[TaskRecord, bool]:
         task = resolved.task
@@ -294,6 +309,7 @@ class Detector:
                     name,
                     len(task.train),
                 )
+        self._stage(name, "extracting")
         log.info(
             "product %r: %d training images, %d to calibrate on (%s), from %s",
             name,
@@ -308,6 +324,7 @@ class Detector:
         train_base = self.base_id is None or self.cfg.train.base_policy == "always_trainable"
         seed = product_seed(self.cfg.train.seed, name)
         undo = self._snapshot(name, train_base)
+        self._stage(name, "training")
         try:
             report = ContinualTrainer(self.model, self.router, self.cfg, self.device).learn_task(
                 name, train_feats.to(self.device), train_base=train_base, seed=seed, progress=self.progress
@@ -346,6 +363,10 @@ class Detector:
             calibration.unknown_threshold,
         )
         return record, train_base
+
+    def _stage(self, name: str, stage: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name, stage)
 
     def _snapshot(self, name: str, train_base: bool) -> dict[str, Any]:
         """What :meth:`_restore` needs to undo a failed learn: the old product (if replaced), the base."""
@@ -580,6 +601,70 @@ class Detector:
         self._staged, self._base_dirty = set(self.records), self.base_id is not None
         self.commit()
         return run
+
+    # ------------------------------------------------------------------ many products, across processes
+
+    def learn_many(
+        self,
+        products: Sequence[tuple[str, Any]],
+        *,
+        parallel: Any = None,
+        replace: bool = False,
+        data_root: str | os.PathLike[str] | None = None,
+        limits: tuple[int, int] | None = None,
+        on_learned: Callable[[TaskRecord], None] | None = None,
+    ) -> Any:
+        """Learn ``products`` (``(name, source)`` pairs), in parallel with ``parallel=RayOptions(...)``;
+        products the detector already has are skipped unless ``replace``. Each finished product is
+        committed at once (``on_learned(record)`` commits instead, when given). Returns a
+        :class:`moleflow.parallel.LearnReport` (learned, skipped, failed with their messages)."""
+        from moleflow.parallel import learn_many
+
+        return learn_many(
+            self, products, parallel=parallel, replace=replace, data_root=data_root, limits=limits, on_learned=on_learned
+        )
+
+    def export_state(self, products: Sequence[str] = ()) -> DetectorState:
+        """The shared base and the products ``products`` as plain CPU tensors (:mod:`moleflow.portable`)."""
+        for name in products:
+            self._require(name)
+        return detector_state(self.model, self.router, self.records, self.cfg, self.base_id, self.data_root, products)
+
+    @classmethod
+    def from_state(cls, state: DetectorState, **options: Any) -> Detector:
+        """An unbound detector holding exactly ``state`` (``options`` as in :meth:`create`)."""
+        model, router = build_model(state)
+        index = RunIndex(base_id=state.base_id, tasks=[p.record for p in state.products], data_root=state.data_root)
+        return cls(state.cfg, model, router, index, **options)
+
+    def export_product(self, name: str) -> ProductState:
+        """Product ``name``'s record, parts and prototype, to be :meth:`adopt`-ed by another detector."""
+        record = self._require(name)
+        if self.base_id is None:
+            raise DetectorError("this detector has no trained base yet")
+        return product_state(self.model, self.router, record, self.base_id)
+
+    def adopt(self, product: ProductState, *, replace: bool = False, commit: bool = True) -> TaskRecord:
+        """Add a product learned elsewhere against this detector's frozen base (a Ray task, another process);
+        it is then exactly as if :meth:`learn` had learned it here. ``replace``/``commit``: as in :meth:`learn`."""
+        name = check_task_name(product.name)
+        if self.base_id is None or product.base_id != self.base_id:
+            raise DetectorError(
+                f"product {name!r} was learned against base {product.base_id!r}, not this model's {self.base_id!r}"
+            )
+        if name in self.records and not replace:
+            raise TaskExistsError(f"product {name!r} already exists; forget it first, or pass replace=True (--replace)")
+        undo = self._snapshot(name, train_base=False)
+        try:
+            add_product(self.model, self.router, product)
+        except BaseException:
+            self._restore(name, undo)
+            raise
+        self.records[name] = product.record
+        self._staged.add(name)
+        if commit:
+            self.commit()
+        return product.record
 
 
 def _map_shape(shape: tuple[int, int], max_side: int) -> tuple[int, int]:

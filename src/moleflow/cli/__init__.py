@@ -110,9 +110,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from moleflow.calibration import CalibrationError
     from moleflow.config import ConfigError
     from moleflow.errors import DatasetError
+    from moleflow.extras import MissingExtraError
     from moleflow.rundir import RunDirectoryError
 
-    errors: list[type[BaseException]] = [ConfigError, DatasetError, RunDirectoryError, CalibrationError, OSError]
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        DatasetError,
+        RunDirectoryError,
+        CalibrationError,
+        OSError,
+        MissingExtraError,
+    ]
     if "moleflow.detector" in sys.modules:  # imported by the command; importing it here would import torch
         from moleflow.checkpoint import CheckpointError
         from moleflow.detector import DetectorError
