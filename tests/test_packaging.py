@@ -58,7 +58,8 @@ def _distribution(module: str) -> str:
 
 
 def test_every_import_of_the_package_is_declared_and_optional_ones_only_where_allowed() -> None:
-    optional_home = {"analysis": "analysis/", "ray": "parallel/"}  # modules of an extra may be imported only under these paths
+    # modules of an extra may be imported only under these paths
+    optional_home = {"analysis": "analysis/", "ray": "parallel/"}
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC).as_posix()
         for module in _imports(path):

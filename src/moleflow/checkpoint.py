@@ -142,6 +142,7 @@ def load_model(
     model.load_state_dict(base, strict=False)
     stored = _router_rows(directory, fp, base_id)
     router = Router(cfg.router)
+    means, precisions = [], []
     for entry in tasks:
         state, task_meta = read_file(entry.path, fp, base_id)
         if task_meta.get("task") != entry.name or (
@@ -159,7 +160,11 @@ def load_model(
             model.load_task_state_dict(entry.name, state)
         except ValueError as e:
             raise CheckpointError(f"{entry.path}: {e}") from e
-        router.add(entry.name, *(row if row is not None else (mean, precision)))
+        mean, precision = row if row is not None else (mean, precision)
+        means.append(mean.to(torch.float64))
+        precisions.append(precision.to(torch.float64))
+    if tasks:
+        router.extend([t.name for t in tasks], torch.stack(means), torch.stack(precisions))
     model.eval()
     return model, router
 
