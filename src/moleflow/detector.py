@@ -24,7 +24,8 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,13 @@ from moleflow.portable import DetectorState, ProductState, add_product, build_mo
 from moleflow.prediction import ANOMALOUS, NORMAL, UNKNOWN, Prediction, iter_inputs
 from moleflow.rundir import RunDirectory, RunDirectoryError, RunIndex, TaskRecord
 from moleflow.sources import ResolvedSource, calibration_samples, holdout_split, resolve_source
-from moleflow.training import ContinualTrainer, product_seed
+from moleflow.training import ContinualTrainer, product_seed, routing_features
 
 __all__ = ["Detector", "DetectorError", "TaskExistsError", "UnknownTaskError", "resolve_device"]
 
 log = logging.getLogger(__name__)
 SCORE_BATCH = 64
+MAX_RESIDENT = 64  # lazy detectors: products whose parts stay in memory
 MAX_MAP_SIDE = 2048
 
 
@@ -107,6 +109,8 @@ class Detector:
         self._extractor = extractor  # None: built on first use; given: a FeatureExtractor of this backbone config
         self.on_stage: Callable[[str, str], None] | None = None  # (product, stage) as learning moves on
         self._staged: set[str] = set()  # products learned since the last commit
+        self._resident: OrderedDict[str, None] | None = None  # lazy: products whose parts are in memory (LRU)
+        self.max_resident = MAX_RESIDENT
         self._base_dirty = False
         if list(self.records) != self.router.tasks:
             raise DetectorError(f"index products {list(self.records)} differ from the router's {self.router.tasks}")
@@ -150,11 +154,22 @@ class Detector:
         return detector
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike[str], *, check_calibration: bool = True, **options: Any) -> Detector:
+    def load(
+        cls,
+        run_dir: str | os.PathLike[str],
+        *,
+        check_calibration: bool = True,
+        lazy: bool = False,
+        max_resident: int = MAX_RESIDENT,
+        **options: Any,
+    ) -> Detector:
         """The detector saved in ``run_dir``; every file is checked (config fingerprint, base id).
 
         ``check_calibration``: refuse products whose thresholds were set under other scoring settings than
-        the config's (their scores would be compared with thresholds on another scale).
+        the config's (their scores would be compared with thresholds on another scale). ``lazy``: read only
+        the base and the router's prototypes now, and a product's parts when an image is first routed to it
+        (at most ``max_resident`` products' parts stay in memory, least recently used dropped first): for
+        runs of many products, whose full load costs time and memory per product. Scores are the same.
         """
         from moleflow.flow.model import MoLEFlow
         from moleflow.routing import Router
@@ -162,11 +177,16 @@ class Detector:
         run = RunDirectory(run_dir).require()
         cfg = run.read_config()
         index = run.read_index()
+        lazy = lazy and index.base_id is not None
         if index.base_id is None:
             model, router = MoLEFlow(cfg.model, cls._context_dim(cfg)), Router(cfg.router)
         else:
-            model, router = run.load_model(cfg, index)
+            model, router = run.load_model(cfg, index, parts=not lazy)
         detector = cls(cfg, model, router, index, run=run, **options)
+        if lazy:
+            if max_resident < 1:
+                raise DetectorError(f"max_resident must be >= 1, got {max_resident}")
+            detector._resident, detector.max_resident = OrderedDict(), max_resident
         if check_calibration:
             detector.check_calibration()
         return detector
@@ -274,6 +294,7 @@ class Detector:
         check_task_name(name)
         if name in self.records and not replace:
             raise TaskExistsError(f"product {name!r} already exists; forget it first, or pass replace=True (--replace)")
+        self.load_all()
         resolved = self.resolve(name, source, data_root=data_root, limits=limits, spec=spec)
         record, base_changed = self._learn(resolved, calib)
         self._staged.add(name)
@@ -374,6 +395,7 @@ class Detector:
         if train_base:
             undo["base"] = {k: v.detach().clone() for k, v in self.model.base_state_dict().items()}
         if name in self.records:
+            self._ensure([name])
             undo["product"] = (self.model.task_state_dict(name), self.router.prototype(name), self.records[name])
             self.model.remove_task(name)
             self.router.remove(name)
@@ -419,7 +441,10 @@ class Detector:
     def remove(self, name: str, *, commit: bool = True) -> None:
         """Forget product ``name``: its parts and prototype are deleted; every other product is untouched."""
         self._require(name)
-        self.model.remove_task(name)
+        if name in self.model.tasks:  # a lazy detector may not have read it
+            self.model.remove_task(name)
+        if self._resident is not None:
+            self._resident.pop(name, None)
         self.router.remove(name)
         del self.records[name]
         self._staged.discard(name)
@@ -492,6 +517,10 @@ class Detector:
         for start in range(0, len(feats), SCORE_BATCH):
             chunk = feats[start : start + SCORE_BATCH].to(self.device)
             idx = None if task_index is None else task_index[start : start + SCORE_BATCH]
+            if self._resident is not None:  # lazy: route first, so that the products it needs are read
+                if idx is None:
+                    idx = self.router.route(routing_features(self.model, chunk, self.router.cfg.feature))
+                self._ensure(self.router.tasks[i] for i in torch.unique(idx).tolist())
             parts.append(score_features(self.model, self.router, chunk, self.cfg.scoring, idx).cpu())
         return ScoredBatch.cat(parts)
 
@@ -564,6 +593,44 @@ class Detector:
             )
         return out
 
+    # ------------------------------------------------------------------ lazy loading
+
+    @property
+    def lazy(self) -> bool:
+        """Whether products' parts are read on first use (``Detector.load(..., lazy=True)``)."""
+        return self._resident is not None
+
+    def _ensure(self, names: Iterable[str]) -> None:
+        """Lazy: read the parts of ``names`` not in memory yet, then drop the least recently used others
+        beyond ``max_resident``. Eager detectors hold every product: nothing to do."""
+        if self._resident is None:
+            return
+        wanted = list(dict.fromkeys(names))
+        for name in wanted:
+            if name not in self.model.tasks:
+                self.model.load_task_state_dict(name, self.run.load_parts(self.cfg, self.records[name], self.base_id))
+                self.model.eval()
+            self._resident[name] = None
+            self._resident.move_to_end(name)
+        for name in list(self._resident):
+            if len(self._resident) <= self.max_resident:
+                break
+            if name not in wanted and name not in self._staged:
+                self.model.remove_task(name)
+                del self._resident[name]
+
+    def load_all(self) -> None:
+        """A lazy detector reads every product's parts and becomes eager (what learning and saving need: a
+        new product's initialisation may depend on the first product's parts)."""
+        if self._resident is None:
+            return
+        for name in list(self.model.tasks):
+            self.model.remove_task(name)
+        self._resident = None
+        for record in self.records.values():  # the router's order, as an eager load has them
+            self.model.load_task_state_dict(record.name, self.run.load_parts(self.cfg, record, self.base_id))
+        self.model.eval()
+
     # ------------------------------------------------------------------ persistence
 
     def _index(self) -> RunIndex:
@@ -595,6 +662,7 @@ class Detector:
         run = self.run if run_dir is None else RunDirectory(run_dir)
         if run is not self.run and not run.is_empty():
             raise RunDirectoryError(f"{run.path} already exists and is not empty; save into a new directory")
+        self.load_all()
         self.run = run
         with run.writing():
             run.write_config(self.cfg)
@@ -628,6 +696,7 @@ class Detector:
         """The shared base and the products ``products`` as plain CPU tensors (:mod:`moleflow.portable`)."""
         for name in products:
             self._require(name)
+        self._ensure(products)
         return detector_state(self.model, self.router, self.records, self.cfg, self.base_id, self.data_root, products)
 
     @classmethod
@@ -642,6 +711,7 @@ class Detector:
         record = self._require(name)
         if self.base_id is None:
             raise DetectorError("this detector has no trained base yet")
+        self._ensure([name])
         return product_state(self.model, self.router, record, self.base_id)
 
     def adopt(self, product: ProductState, *, replace: bool = False, commit: bool = True) -> TaskRecord:
@@ -654,6 +724,7 @@ class Detector:
             )
         if name in self.records and not replace:
             raise TaskExistsError(f"product {name!r} already exists; forget it first, or pass replace=True (--replace)")
+        self.load_all()
         undo = self._snapshot(name, train_base=False)
         try:
             add_product(self.model, self.router, product)

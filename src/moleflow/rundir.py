@@ -253,11 +253,18 @@ class RunDirectory:
             files.append(TaskFile(record.name, staged if staged.is_file() else final, record.parts_id))
         return files
 
-    def load_model(self, cfg, index: RunIndex):
-        """``(MoLEFlow, Router)`` of the products in ``index``, every file checked against its base and parts ids."""
+    def load_model(self, cfg, index: RunIndex, parts: bool = True):
+        """``(MoLEFlow, Router)`` of the products in ``index``, every file checked against its base and parts ids
+        (``parts=False``: the base and the prototypes only; see :meth:`load_parts`)."""
         from moleflow.checkpoint import load_model
 
-        return load_model(cfg, self.checkpoints, self.task_files(index), base_id=index.base_id)
+        return load_model(cfg, self.checkpoints, self.task_files(index), base_id=index.base_id, parts=parts)
+
+    def load_parts(self, cfg, record: TaskRecord, base_id: str):
+        """The parts of the committed product ``record`` (task-neutral keys), its file checked."""
+        from moleflow.checkpoint import load_parts
+
+        return load_parts(cfg, self.task_files(RunIndex(base_id, [record]))[0], base_id)
 
     def write_base(self, model, cfg, base_id: str) -> None:
         from moleflow.checkpoint import save_base

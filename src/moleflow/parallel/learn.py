@@ -109,6 +109,7 @@ def _learn_on_ray(detector, todo, options: RayOptions, replace: bool, board: Pro
             _torch_threads(),
             threads,
         )
+    detector.load_all()
     shipped = detector.export_state(detector.model.tasks[:FIRST_PRODUCTS_SHIPPED])
 
     def adopt(name: str, product) -> str:
