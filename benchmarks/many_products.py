@@ -1,7 +1,8 @@
 """How a run with many products loads: time and memory of ``Detector.load`` against the number of products.
 
 The runs are synthetic: the base and every product's parts are the model's own initialisation plus random
-noise, the prototypes random positive-definite matrices, the calibrations fitted on random values; no
+noise, the prototypes shaped like real ones (``moleflow.perf.sections.synthetic_router``), the calibrations
+fitted on random values; no
 image is read and nothing is trained, so a 1,000-product run is written in about a minute. Files, shapes and
 records are exactly those of a learned run of the same config (the offline preset by default).
 
@@ -35,6 +36,7 @@ def build(run_dir: Path, products: int, config: str = "offline", seed: int = 0) 
     from moleflow.checkpoint import new_id, save_base, save_router, save_task, task_file
     from moleflow.config import load_config
     from moleflow.detector import Detector
+    from moleflow.perf.sections import synthetic_router
     from moleflow.rundir import RunDirectory, RunIndex, TaskRecord
 
     start = time.perf_counter()
@@ -44,7 +46,8 @@ def build(run_dir: Path, products: int, config: str = "offline", seed: int = 0) 
     base_id, gen, rng = new_id(), torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     settings = detector.scoring_settings()
     dim = cfg.model.backbone.embed_dim
-    records, means, precisions = [], [], []
+    shaped, _ = synthetic_router(cfg, dim, products, torch.device("cpu"), seed=seed)  # prototypes like real ones
+    records = []
     for i in range(products):
         name = f"p{i:04d}"
         model.add_task(name)
@@ -52,10 +55,7 @@ def build(run_dir: Path, products: int, config: str = "offline", seed: int = 0) 
             for key, p in model.named_parameters():
                 if f".{name}" in key or key.endswith(name):
                     p.add_(0.01 * torch.randn(p.shape, generator=gen))
-        a = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim**0.5
-        router.add(name, torch.randn(dim, generator=gen, dtype=torch.float64), a @ a.T + torch.eye(dim, dtype=torch.float64))
-        means.append(router.means[0])
-        precisions.append(router.precisions[0])
+        router.add(name, shaped.means[i], shaped.precisions[i])
         cal = Calibration.fit(
             method="holdout",
             scoring=settings,
@@ -74,7 +74,7 @@ def build(run_dir: Path, products: int, config: str = "offline", seed: int = 0) 
         records.append(record)
         if i == 0:
             save_base(model, cfg, run.checkpoints, base_id)
-    router.extend([r.name for r in records], torch.stack(means), torch.stack(precisions))
+    router.extend([r.name for r in records], shaped.means, shaped.precisions)
     with run.writing():
         save_router(router, cfg, run.checkpoints, base_id, [r.parts_id for r in records])
         run.write_index(RunIndex(base_id=base_id, tasks=records))
@@ -102,11 +102,14 @@ def measure_one(run_dir: Path, lazy: bool) -> dict:
     load_s = time.perf_counter() - start
     after = _rss_mb()
     dim, grid = detector.cfg.model.backbone.embed_dim, 14
-    patches = torch.randn(1, grid, grid, dim)
+    mean = detector.router.means[len(detector) // 2].float()  # an image of a product in the middle of the run
+    noise = 0.5 * torch.randn(1, grid, grid, dim, generator=torch.Generator().manual_seed(0))
+    patches = mean - detector.model.positional(grid, grid, noise) + noise  # routing feature ~ that product's mean
     feats = CachedFeatures(patches, None, patches.mean(dim=(1, 2)))
     start = time.perf_counter()
-    detector.score(feats)  # first routed image: the router index is built, the product read if lazy
+    scored = detector.score(feats)  # first routed image: the router index is built, the product read if lazy
     first_s = time.perf_counter() - start
+    assert int(scored.task_index[0]) == len(detector) // 2, "the probe image was not routed to its product"
     start = time.perf_counter()
     for _ in range(5):
         detector.score(feats)

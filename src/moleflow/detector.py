@@ -639,10 +639,11 @@ class Detector:
     def _run_path(self) -> Path | None:
         return self.run.path if self.run is not None else None
 
-    def commit(self, before_index: Callable[[], None] | None = None) -> None:
+    def commit(self, before_index: Callable[[], None] | None = None, *, write_router: bool = True) -> None:
         """Write the changes since the last commit to the run directory (see :mod:`moleflow.rundir` for the
         order that keeps it whole through a kill); ``before_index`` writes what is derived from the new
-        state (results, report) just before the index. Nothing to do for an unbound detector."""
+        state (results, report) just before the index; ``write_router=False`` leaves the router file to a
+        later commit. Nothing to do for an unbound detector."""
         if self.run is None:
             return
         with self.run.writing():
@@ -650,7 +651,7 @@ class Detector:
                 self.run.write_base(self.model, self.cfg, self.base_id)
             for name in self._staged:
                 self.run.stage(self.model, self.router, self.cfg, self.records[name], self.base_id)
-            self.run.commit(self._index(), self.router, self.cfg, before_index)
+            self.run.commit(self._index(), self.router, self.cfg, before_index, write_router)
         self._staged.clear()
         self._base_dirty = False
 
@@ -684,7 +685,8 @@ class Detector:
     ) -> Any:
         """Learn ``products`` (``(name, source)`` pairs), in parallel with ``parallel=RayOptions(...)``;
         products the detector already has are skipped unless ``replace``. Each finished product is
-        committed at once (``on_learned(record)`` commits instead, when given). Returns a
+        committed at once, without the router file, which is written once at the end (``on_learned(record)``
+        commits instead, when given: then the caller writes it, ``commit()``). Returns a
         :class:`moleflow.parallel.LearnReport` (learned, skipped, failed with their messages)."""
         from moleflow.parallel import learn_many
 

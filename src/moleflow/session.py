@@ -112,18 +112,20 @@ class RunSession:
     ) -> Any:
         """Learn ``products`` (``(name, source)`` pairs; with ``parallel=RayOptions(...)`` one Ray task each),
         each committed with its results as it finishes; then evaluate ``all`` / ``new`` / ``none`` once
-        (in parallel too). Returns the :class:`moleflow.parallel.LearnReport`."""
+        (in parallel too). Each product's files and the index are committed as it finishes, the files
+        derived from all products (results, report, router file) once at the end (:mod:`moleflow.rundir`).
+        Returns the :class:`moleflow.parallel.LearnReport`."""
         if evaluate not in EVAL_CHOICES:
             raise ValueError(f"evaluate must be one of {EVAL_CHOICES}, got {evaluate!r}")
         data_root = data_root if data_root is not None else self.detector.data_root
         tasks: dict[str, TaskData] = {}
 
-        def committed(record: TaskRecord) -> None:
+        def committed(record: TaskRecord) -> None:  # results, report and router file: once, at the end
             self.book.learned(record.name)
             self.eval_sets.pop(record.name, None)
             self.evaluations.pop(record.name, None)
             self._unreachable.discard(record.name)
-            self.detector.commit(before_index=self._derived_files())
+            self.detector.commit(write_router=False)
 
         resolved = []
         for name, source in products:
@@ -138,7 +140,8 @@ class RunSession:
             if evaluate != "none" and report.learned:
                 names = report.learned if evaluate == "new" else self.detector.products
                 self.evaluate(names, parallel=parallel, tasks=tasks)
-                self.write()
+        if report.learned:
+            self.detector.commit(before_index=self._derived_files())
         return report
 
     def evaluate(

@@ -58,8 +58,8 @@ def learn_many(
             continue
         todo.append(detector.resolve(name, source, data_root=data_root, limits=limits))
 
-    def commit(record: TaskRecord) -> None:
-        on_learned(record) if on_learned is not None else detector.commit()
+    def commit(record: TaskRecord) -> None:  # per product: its file and the index; derived files at the end
+        on_learned(record) if on_learned is not None else detector.commit(write_router=False)
         report.learned.append(record.name)
 
     board = ProgressBoard([r.task.name for r in todo], bar=detector.progress)
@@ -77,6 +77,8 @@ def learn_many(
                     )
             if todo:
                 _learn_on_ray(detector, todo, parallel, replace, board, commit, report)
+    if report.learned and on_learned is None:
+        detector.commit()  # the router file, once
     report.seconds = time.perf_counter() - start
     return report
 
