@@ -129,6 +129,41 @@ def measure_one(run_dir: Path, lazy: bool) -> dict:
     }
 
 
+def measure_commit(run_dir: Path, repeats: int = 3) -> dict:
+    """Seconds the driver spends committing one more product into a copy of ``run_dir``: the product file and
+    the index (what ``learn --parallel`` does per product), and the same with the router file rewritten."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from moleflow.checkpoint import new_id
+    from moleflow.detector import Detector
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(dir=Path(run_dir).parent) as tmp:
+        copy = Path(tmp) / "run"
+        shutil.copytree(run_dir, copy)
+        detector = Detector.load(copy)
+        product = detector.export_product(detector.products[0])
+        out = {"products": len(detector)}
+        for key, write_router in (("commit_s", False), ("commit_with_router_s", True)):
+            times = []
+            for k in range(repeats):
+                name = f"new{int(write_router)}{k}"
+                record = dataclasses.replace(product.record, name=name, parts_id=new_id())
+                detector.adopt(dataclasses.replace(product, record=record), commit=False)
+                start = time.perf_counter()
+                detector.commit(write_router=write_router)
+                times.append(time.perf_counter() - start)
+            out[key] = sorted(times)[len(times) // 2]
+        from moleflow.session import RunSession
+
+        start = time.perf_counter()
+        text = json.dumps(RunSession(detector).results())  # results.json of the run, nothing evaluated yet
+        out["results_json_s"], out["results_json_mb"] = time.perf_counter() - start, len(text) / 2**20
+    return out
+
+
 def measure(run_dirs: list[Path], lazy_too: bool = True) -> list[dict]:
     """:func:`measure_one` of each run, each in its own process (so that memory is not shared)."""
     rows = []
@@ -143,6 +178,14 @@ def measure(run_dirs: list[Path], lazy_too: bool = True) -> list[dict]:
                 raise SystemExit(out.stderr)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(_fmt(rows[-1]), flush=True)
+        row = measure_commit(run_dir)
+        rows.append(row)
+        print(
+            f"{row['products']:5d} products: commit one more {row['commit_s'] * 1000:.0f} ms, "
+            f"with the router file rewritten {row['commit_with_router_s'] * 1000:.0f} ms; results.json "
+            f"{row['results_json_mb']:.1f} MiB in {row['results_json_s']:.2f} s",
+            flush=True,
+        )
     return rows
 
 
