@@ -33,7 +33,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,9 @@ class TaskRecord:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        # shallow: asdict would deep-copy the calibration's stored values only for them to be replaced, and
+        # the index is rewritten at every commit (its cost grows with the products)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["calibration"] = self.calibration.to_json()
         return out
 
