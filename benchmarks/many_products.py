@@ -164,7 +164,7 @@ def measure_commit(run_dir: Path, repeats: int = 3) -> dict:
     return out
 
 
-def measure(run_dirs: list[Path], lazy_too: bool = True) -> list[dict]:
+def measure(run_dirs: list[Path], lazy_too: bool = True, commit: bool = True) -> list[dict]:
     """:func:`measure_one` of each run, each in its own process (so that memory is not shared)."""
     rows = []
     for run_dir in run_dirs:
@@ -178,6 +178,8 @@ def measure(run_dirs: list[Path], lazy_too: bool = True) -> list[dict]:
                 raise SystemExit(out.stderr)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(_fmt(rows[-1]), flush=True)
+        if not commit:
+            continue
         row = measure_commit(run_dir)
         rows.append(row)
         print(
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure")
     m.add_argument("run_dirs", type=Path, nargs="+")
     m.add_argument("--eager-only", action="store_true")
+    m.add_argument("--load-only", action="store_true", help="eager loading only (runs with older moleflow code)")
     m.add_argument("--json", type=Path)
     s = sub.add_parser("sweep", help="build RUN_DIR-N for every size, then measure them all")
     s.add_argument("run_dir", type=Path)
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / "tasks.json").is_file():
                 print(f"built {run_dir} in {build(run_dir, n, args.config):.1f} s", flush=True)
             dirs.append(run_dir)
-    rows = measure(dirs, lazy_too=not args.eager_only)
+    load_only = getattr(args, "load_only", False)
+    rows = measure(dirs, lazy_too=not (args.eager_only or load_only), commit=not load_only)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

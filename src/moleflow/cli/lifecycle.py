@@ -86,7 +86,13 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
         help="CPUs (and torch threads) per task; default: this process's torch thread count, so that every product "
         "equals the product learned without --parallel",
     )
-    group.add_argument("--gpus-per-task", type=float, default=0.0, metavar="X", help="GPUs per task (fractions share one)")
+    group.add_argument(
+        "--gpus-per-task",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="GPUs per task (fractions share one); tasks run on the CPU when 0 (default), whatever --device says",
+    )
 
 
 def parallel_options(args: argparse.Namespace):
