@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from moleflow.config import preset
 from moleflow.data.synthetic import render_sample
@@ -87,3 +88,37 @@ def test_learning_on_a_lazy_detector_reads_every_product_first(run_copy, tmp_pat
     assert all(torch.equal(a.parts[k], b.parts[k]) for k in a.parts) and np.isclose(
         a.record.calibration.image_threshold, b.record.calibration.image_threshold, rtol=0, atol=0
     )
+
+
+def test_a_router_file_left_behind_by_per_product_commits_is_read_around(run_copy):
+    import dataclasses
+    import json
+
+    from moleflow.checkpoint import new_id
+
+    detector = Detector.load(run_copy)
+    product = detector.export_product("disc")
+    twin = dataclasses.replace(product, record=dataclasses.replace(product.record, name="twin", parts_id=new_id()))
+    detector.adopt(twin, commit=False)
+    detector.commit(write_router=False)  # as a many-product command commits each product
+    with safe_open(str(run_copy / "checkpoints" / "router.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["tasks"]) == ["stripes", "disc"]  # the router file lags the index
+    for loaded in (Detector.load(run_copy), Detector.load(run_copy, lazy=True)):
+        assert loaded.products == ["stripes", "disc", "twin"]
+        mean, precision = loaded.router.prototype("twin")
+        assert torch.equal(mean, product.mean) and torch.equal(precision, product.precision)
+    detector.commit()  # the end of the command: the router file catches up
+    with safe_open(str(run_copy / "checkpoints" / "router.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["tasks"]) == ["stripes", "disc", "twin"]
+
+
+def test_results_lagging_the_index_gain_empty_rows_and_keep_what_they_had():
+    from moleflow.evaluation.results import ResultsBook
+
+    book = ResultsBook(["a"])
+    book.matrices["routed"]["image_auroc"][0][0] = 0.75
+    stored = {"tasks": ["a"], "metrics": {"image_auroc": {"matrix": [[0.75]]}}}
+    again = ResultsBook.from_json(stored, ["a", "b"])
+    assert again.tasks == ["a", "b"]
+    assert again.matrices["routed"]["image_auroc"] == [[0.75, None], [None, None]]
+    assert ResultsBook.from_json(stored, ["b", "a"]).matrices["routed"]["image_auroc"] == [[None, None], [None, None]]
