@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from moleflow.prediction import ANOMALOUS, NORMAL, UNKNOWN, Prediction, iter_inp
 from moleflow.rundir import RunDirectory, RunDirectoryError, RunIndex, TaskRecord
 from moleflow.sources import ResolvedSource, calibration_samples, holdout_split, resolve_source
 from moleflow.training import ContinualTrainer, product_seed, routing_features
+
+if TYPE_CHECKING:
+    from moleflow.features.extractor import FeatureExtractor
 
 __all__ = ["Detector", "DetectorError", "TaskExistsError", "UnknownTaskError", "resolve_device"]
 
@@ -93,7 +96,7 @@ class Detector:
         feature_cache: str | os.PathLike[str] | None = None,
         num_workers: int = 0,
         progress: bool = True,
-        extractor=None,
+        extractor: FeatureExtractor | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(device if device is not None else cfg.device)

@@ -40,6 +40,7 @@ class RunSession:
     def __init__(self, detector: Detector) -> None:
         if detector.run is None:
             raise ValueError("a session needs a detector bound to a run directory")
+        detector.load_all()  # results count every product's parameters; a lazy detector reads them all
         self.detector = detector
         self.book = ResultsBook.from_json(detector.run.read_results(), detector.products)
         self.eval_sets: dict[str, EvalSet] = {}

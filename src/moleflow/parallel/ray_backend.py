@@ -21,6 +21,7 @@ __all__ = ["StageReporter", "cluster", "run_tasks"]
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
+_depth = 0  # nesting of cluster() in this process
 
 
 class StageReporter:
@@ -44,6 +45,7 @@ def cluster(options: RayOptions) -> Iterator[Any]:
     require_extra("ray", "--parallel ray")
     import ray
 
+    global _depth
     started = False
     if not ray.is_initialized():
         settings = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
@@ -53,9 +55,12 @@ def cluster(options: RayOptions) -> Iterator[Any]:
             ray.init(num_cpus=options.num_cpus, **settings)
         started = True
     try:
-        _check_resources(ray, options)
+        if _depth == 0:  # checked (and logged) once per command, not again by the tasks run inside it
+            _check_resources(ray, options)
+        _depth += 1
         yield ray
     finally:
+        _depth = max(0, _depth - 1)
         if started:
             ray.shutdown()
 
