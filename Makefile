@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-# the extras the test suite needs (anomalib, for the optional AUPRO cross-check, is left out: it is heavy;
-# ray is in: tests/test_parallel.py runs a local Ray cluster)
+# the extras the test suite needs (anomalib, for the optional AUPRO cross-check, is left out: it is heavy);
+# [serve] for the server tests (the browser test also needs Debian's chromium, .ci/run installs it);
+# [ray]: tests/test_parallel.py runs a local Ray cluster
 $(BIN)/moleflow: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis,ray]"
+	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis,serve,onnx,ray]"
 	touch $@
 
 .PHONY: install test lint demo schema constraints

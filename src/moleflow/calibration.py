@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
 
 __all__ = [
     "PIXEL_TAIL_FPRS",
@@ -79,6 +78,8 @@ def threshold_at_fpr(values: Sequence[float] | np.ndarray, fpr: float, *, log: b
     rank = math.ceil((x.size + 1) * (1.0 - fpr))
     if rank <= x.size:
         return ThresholdRule(float(x[rank - 1]), "empirical")
+    from scipy.stats import norm  # here: predicting (onnx runtime included) never needs scipy
+
     if log:
         if x[0] <= 0:
             raise CalibrationError("log-normal threshold needs positive values")

@@ -38,22 +38,23 @@ from moleflow.data.base import Sample, TaskData
 from moleflow.features.cache import CachedFeatures
 from moleflow.features.store import FeatureSource
 from moleflow.inference import ScoredBatch, score_features
+from moleflow.maps import MAX_MAP_SIDE, map_shape, resize_map
 from moleflow.names import check_task_name
 from moleflow.portable import DetectorState, ProductState, add_product, build_model, detector_state, product_state
-from moleflow.prediction import ANOMALOUS, NORMAL, UNKNOWN, Prediction, iter_inputs
+from moleflow.prediction import Prediction, decide, iter_inputs, make_prediction
 from moleflow.rundir import RunDirectory, RunDirectoryError, RunIndex, TaskRecord
 from moleflow.sources import ResolvedSource, calibration_samples, holdout_split, resolve_source
 from moleflow.training import ContinualTrainer, product_seed, routing_features
+from moleflow.training_log import TrainingLogger
 
 if TYPE_CHECKING:
     from moleflow.features.extractor import FeatureExtractor
 
-__all__ = ["Detector", "DetectorError", "TaskExistsError", "UnknownTaskError", "resolve_device"]
+__all__ = ["MAX_MAP_SIDE", "Detector", "DetectorError", "TaskExistsError", "UnknownTaskError", "resolve_device"]
 
 log = logging.getLogger(__name__)
 SCORE_BATCH = 64
 MAX_RESIDENT = 64  # lazy detectors: products whose parts stay in memory
-MAX_MAP_SIDE = 2048
 
 
 class DetectorError(ValueError):
@@ -97,6 +98,7 @@ class Detector:
         num_workers: int = 0,
         progress: bool = True,
         extractor: FeatureExtractor | None = None,
+        loggers: Sequence[TrainingLogger] = (),
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(device if device is not None else cfg.device)
@@ -109,6 +111,7 @@ class Detector:
         self.feature_cache = Path(feature_cache) if feature_cache is not None else None
         self.num_workers = num_workers
         self.progress = progress
+        self.loggers = list(loggers)
         self._extractor = extractor  # None: built on first use; given: a FeatureExtractor of this backbone config
         self.on_stage: Callable[[str, str], None] | None = None  # (product, stage) as learning moves on
         self._staged: set[str] = set()  # products learned since the last commit
@@ -132,7 +135,7 @@ class Detector:
         """A detector with no product yet, from a config (preset name, YAML path or object).
 
         ``run_dir``: bind it to a new run directory (must not exist or be empty); ``options``: ``device``,
-        ``feature_cache``, ``num_workers``, ``progress``.
+        ``feature_cache``, ``num_workers``, ``progress``, ``loggers`` (training curves, moleflow.training_log).
         """
         from moleflow.flow.model import MoLEFlow
         from moleflow.routing import Router
@@ -173,10 +176,17 @@ class Detector:
         the base and the router's prototypes now, and a product's parts when an image is first routed to it
         (at most ``max_resident`` products' parts stay in memory, least recently used dropped first): for
         runs of many products, whose full load costs time and memory per product. Scores are the same.
+        Given an export directory (``moleflow export``), returns its
+        :class:`~moleflow.deploy.runtime.OnnxDetector` (same predict API, on onnxruntime; it cannot learn).
         """
+        from moleflow.deploy.manifest import is_export
         from moleflow.flow.model import MoLEFlow
         from moleflow.routing import Router
 
+        if is_export(run_dir):
+            from moleflow.deploy.runtime import OnnxDetector
+
+            return OnnxDetector.load(run_dir, **options)  # type: ignore[return-value]
         run = RunDirectory(run_dir).require()
         cfg = run.read_config()
         index = run.read_index()
@@ -283,6 +293,7 @@ class Detector:
         limits: tuple[int, int] | None = None,
         spec: str | None = None,
         commit: bool = True,
+        check: bool = True,
     ) -> TaskRecord:
         """Learn product ``name`` from ``source`` and calibrate its thresholds; returns its record.
 
@@ -292,13 +303,18 @@ class Detector:
         training normals are held out of training for it. ``replace``: retrain an existing product (its old
         parts stay in use until the new ones are committed). ``spec``: how to rebuild the product's data
         later (recorded for ``moleflow eval``; derived from ``source`` when it is a string). ``commit``:
-        write the change to the run directory now (``False``: at the next :meth:`commit`).
+        write the change to the run directory now (``False``: at the next :meth:`commit`). ``check``:
+        read every image (and mask) first, and refuse the product listing every problem (moleflow.validation).
         """
         check_task_name(name)
         if name in self.records and not replace:
             raise TaskExistsError(f"product {name!r} already exists; forget it first, or pass replace=True (--replace)")
         self.load_all()
         resolved = self.resolve(name, source, data_root=data_root, limits=limits, spec=spec)
+        if check:
+            from moleflow.validation import validate_tasks
+
+            validate_tasks([resolved.task], calibration_samples(calib) if calib is not None else ())
         record, base_changed = self._learn(resolved, calib)
         self._staged.add(name)
         self._base_dirty |= base_changed
@@ -351,7 +367,12 @@ class Detector:
         self._stage(name, "training")
         try:
             report = ContinualTrainer(self.model, self.router, self.cfg, self.device).learn_task(
-                name, train_feats.to(self.device), train_base=train_base, seed=seed, progress=self.progress
+                name,
+                train_feats.to(self.device),
+                train_base=train_base,
+                seed=seed,
+                progress=self.progress,
+                loggers=self.loggers,
             )
             cal_start = time.perf_counter()
             calibration = self.fit_calibration(name, calib_feats, method)
@@ -529,16 +550,12 @@ class Detector:
 
     def decide(self, scored: ScoredBatch) -> tuple[list[str], np.ndarray, np.ndarray]:
         """``(verdicts, unknown (B,) bool, normalized scores (B,))`` of scored images, per their product."""
-        from moleflow.calibration import normalized_score
-
         verdicts, unknown, normalized = [], np.zeros(len(scored), bool), np.zeros(len(scored))
         for i, (t, s, d) in enumerate(
             zip(scored.task_index.tolist(), scored.image_scores.tolist(), scored.distances.tolist(), strict=True)
         ):
-            cal = self.records[self.router.tasks[t]].calibration
-            unknown[i] = d > cal.unknown_threshold
-            normalized[i] = normalized_score(s, cal.image_center, cal.image_threshold)
-            verdicts.append(UNKNOWN if unknown[i] else (ANOMALOUS if s > cal.image_threshold else NORMAL))
+            verdict, unknown[i], normalized[i] = decide(s, d, self.records[self.router.tasks[t]].calibration)
+            verdicts.append(verdict)
         return verdicts, unknown, normalized
 
     def predict(self, images: Any, *, batch_size: int | None = None, max_map_side: int = MAX_MAP_SIDE) -> list[Prediction]:
@@ -563,37 +580,19 @@ class Detector:
 
     def _predict_batch(self, chunk: list[tuple[np.ndarray, str]], max_map_side: int) -> list[Prediction]:
         from moleflow.scoring import anomaly_maps
-        from moleflow.visualize import resize_map
 
         feats = self.extractor.extract([image for image, _ in chunk])
         cached = CachedFeatures(feats.patches, feats.context if self.model.scale_context is not None else None, feats.pooled)
         scored = self.score(cached)
         size = self.cfg.model.backbone.image_size
         maps = anomaly_maps(scored.patch_scores, (size, size), self.cfg.scoring.smoothing_sigma).numpy()
-        verdicts, unknown, normalized = self.decide(scored)
         out = []
         for i, (image, label) in enumerate(chunk):
             product = self.router.tasks[int(scored.task_index[i])]
+            amap = resize_map(maps[i], map_shape(image.shape[:2], max_map_side))
             cal = self.records[product].calibration
-            amap = resize_map(maps[i], _map_shape(image.shape[:2], max_map_side))
-            mask = (amap > cal.pixel_threshold) if verdicts[i] == ANOMALOUS else np.zeros(amap.shape, bool)
-            out.append(
-                Prediction(
-                    source=label,
-                    product=product,
-                    unknown=bool(unknown[i]),
-                    routing_distance=float(scored.distances[i]),
-                    routing_threshold=cal.unknown_threshold,
-                    score=float(scored.image_scores[i]),
-                    normalized_score=float(normalized[i]),
-                    threshold=cal.image_threshold,
-                    verdict=verdicts[i],
-                    pixel_threshold=cal.pixel_threshold,
-                    image_size=(int(image.shape[0]), int(image.shape[1])),
-                    anomaly_map=amap,
-                    mask=mask,
-                )
-            )
+            score, distance = float(scored.image_scores[i]), float(scored.distances[i])
+            out.append(make_prediction(label, image.shape[:2], product, cal, score, distance, amap))
         return out
 
     # ------------------------------------------------------------------ lazy loading
@@ -657,6 +656,17 @@ class Detector:
             self.run.commit(self._index(), self.router, self.cfg, before_index, write_router)
         self._staged.clear()
         self._base_dirty = False
+
+    def export(self, out_dir: str | os.PathLike[str], format: str = "onnx"):
+        """Export the run this detector is bound to (as committed) for deployment without torch; returns
+        a :class:`moleflow.deploy.export.ExportReport`. See :mod:`moleflow.deploy.export`."""
+        if format != "onnx":
+            raise DetectorError(f"unknown export format {format!r}; the one there is: onnx")
+        if self.run is None or self._staged or self._base_dirty:
+            raise DetectorError("export works on a saved run: bind the detector to a run directory and commit first")
+        from moleflow.deploy.export import export_run
+
+        return export_run(self.run.path, out_dir)
 
     def save(self, run_dir: str | os.PathLike[str] | None = None) -> RunDirectory:
         """Write the whole model to ``run_dir`` (new or empty; the detector is bound to it afterwards), or
@@ -741,10 +751,3 @@ class Detector:
         if commit:
             self.commit()
         return product.record
-
-
-def _map_shape(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """The input's ``(H, W)``, scaled down so that its long side is at most ``max_side``."""
-    h, w = shape
-    scale = min(1.0, max_side / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))

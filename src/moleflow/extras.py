@@ -15,9 +15,11 @@ __all__ = ["EXTRAS", "MissingExtraError", "require_extra"]
 EXTRAS: dict[str, tuple[str, ...]] = {
     "demo": ("elpv_dataset",),
     "analysis": ("statsmodels", "pandas"),
-    "serve": ("fastapi", "uvicorn", "python_multipart"),
+    "serve": ("fastapi", "starlette", "uvicorn", "python_multipart"),
     "onnx": ("onnx", "onnxruntime"),
     "ray": ("ray",),
+    "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow",),
 }
 
 

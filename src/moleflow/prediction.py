@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ANOMALOUS", "NORMAL", "UNKNOWN", "VERDICTS", "Prediction", "as_rgb", "iter_inputs"]
+__all__ = ["ANOMALOUS", "NORMAL", "UNKNOWN", "VERDICTS", "Prediction", "as_rgb", "decide", "iter_inputs", "make_prediction"]
 
 NORMAL = "normal"
 ANOMALOUS = "anomalous"
@@ -73,6 +73,41 @@ class Prediction:
             "image_size": list(self.image_size),
             "map_size": list(self.anomaly_map.shape),
         }
+
+
+def decide(score: float, distance: float, calibration: Any) -> tuple[str, bool, float]:
+    """``(verdict, unknown, normalized score)`` of an image scored under a product with ``calibration``
+    (a :class:`moleflow.calibration.Calibration`): beyond the routing threshold it is an unknown product,
+    else anomalous above the image threshold."""
+    from moleflow.calibration import normalized_score
+
+    unknown = bool(distance > calibration.unknown_threshold)
+    verdict = UNKNOWN if unknown else (ANOMALOUS if score > calibration.image_threshold else NORMAL)
+    return verdict, unknown, float(normalized_score(score, calibration.image_center, calibration.image_threshold))
+
+
+def make_prediction(
+    source: str, image_size: tuple[int, int], product: str, calibration: Any, score: float, distance: float, amap: np.ndarray
+) -> Prediction:
+    """The :class:`Prediction` of one image from its routed ``product``, raw ``score``, routing ``distance``
+    and anomaly map ``amap (H, W)`` (already at the size it is returned at); the mask is set when anomalous."""
+    verdict, unknown, normalized = decide(score, distance, calibration)
+    mask = (amap > calibration.pixel_threshold) if verdict == ANOMALOUS else np.zeros(amap.shape, bool)
+    return Prediction(
+        source=source,
+        product=product,
+        unknown=unknown,
+        routing_distance=float(distance),
+        routing_threshold=calibration.unknown_threshold,
+        score=float(score),
+        normalized_score=normalized,
+        threshold=calibration.image_threshold,
+        verdict=verdict,
+        pixel_threshold=calibration.pixel_threshold,
+        image_size=(int(image_size[0]), int(image_size[1])),
+        anomaly_map=amap,
+        mask=mask,
+    )
 
 
 def as_rgb(image: Any) -> np.ndarray:

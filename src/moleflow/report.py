@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from moleflow.evaluation.protocol import METRIC_NAMES
 from moleflow.visualize import (
     atomic_write,
     draw_mask_contour,
@@ -25,16 +26,7 @@ from moleflow.visualize import (
 
 __all__ = ["METRICS", "TaskExamples", "format_summary_table", "pct", "text_table", "write_report"]
 
-METRICS = (
-    "image_auroc",
-    "pixel_auroc",
-    "pixel_ap",
-    "aupro",
-    "image_ap",
-    "image_f1_max",
-    "pixel_f1_max",
-    "pro_at_threshold",
-)
+METRICS = METRIC_NAMES
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
     "pixel_auroc": "Pixel AUROC",

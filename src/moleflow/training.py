@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,8 +21,9 @@ from tqdm.auto import tqdm
 from moleflow.config import MoleFlowConfig, TrainConfig
 from moleflow.features.cache import CachedFeatures
 from moleflow.flow.model import MoLEFlow
-from moleflow.losses import logdet_penalty, patch_nll, tail_aware_loss
+from moleflow.losses import logdet_penalty, patch_nll, tail_mean
 from moleflow.routing import PrototypeAccumulator, Router
+from moleflow.training_log import TrainingLogger
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +96,35 @@ class ContinualTrainer:
 
     def objective(
         self, batch: CachedFeatures, task: str, *, trains_base: bool | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one batch of ``task``: tail-aware NLL + lambda_logdet * logdet^2 + whitening reg.
 
-        ``trains_base``: whether this task trains the shared base (its whitening is then pulled towards
-        identity under ``identity_reg_tasks = "first"``); ``None``: it is the model's first task.
+        Returns the loss and its parts (detached scalars: ``nll`` mean, ``tail`` mean of the top patches,
+        ``logdet_penalty``, ``whitening_reg``; the last two unweighted). ``trains_base``: whether this task
+        trains the shared base (its whitening is then pulled towards identity under
+        ``identity_reg_tasks = "first"``); ``None``: it is the model's first task.
         """
         lcfg, model = self.cfg.loss, self.model
         out = model(batch.patches, task, batch.context)
         nll = patch_nll(out.z, out.logdet)
-        loss = tail_aware_loss(nll, lcfg.tail_weight, lcfg.tail_top_k, lcfg.tail_scope)
-        parts = {"nll": float(nll.detach().mean())}
+        mean = nll.mean()
+        parts = {"nll": mean.detach()}
+        loss = mean
+        if lcfg.tail_weight:
+            tail = tail_mean(nll, lcfg.tail_top_k, lcfg.tail_scope)
+            loss = (1.0 - lcfg.tail_weight) * mean + lcfg.tail_weight * tail
+            parts["tail"] = tail.detach()
         if lcfg.logdet_weight:
-            loss = loss + lcfg.logdet_weight * logdet_penalty(out.logdet)
+            penalty = logdet_penalty(out.logdet)
+            loss = loss + lcfg.logdet_weight * penalty
+            parts["logdet_penalty"] = penalty.detach()
         wcfg = model.cfg.whitening
         if trains_base is None:
             trains_base = task == model.tasks[0]
         if wcfg is not None and wcfg.identity_reg_weight and (wcfg.identity_reg_tasks == "all" or trains_base):
-            loss = loss + wcfg.identity_reg_weight * model.whitening[task].identity_penalty()
+            reg = model.whitening[task].identity_penalty()
+            loss = loss + wcfg.identity_reg_weight * reg
+            parts["whitening_reg"] = reg.detach()
         return loss, parts
 
     def learn_task(
@@ -122,6 +135,7 @@ class ContinualTrainer:
         train_base: bool | None = None,
         seed: int | None = None,
         progress: bool = True,
+        loggers: Sequence[TrainingLogger] = (),
     ) -> TaskTrainingReport:
         """Add ``task`` to the model, train its parts on ``features``, and give it a router prototype.
 
@@ -129,7 +143,7 @@ class ContinualTrainer:
         under ``train.base_policy = "always_trainable"`` (the unfrozen baseline).
         ``seed``: initialises the task's parts and orders its batches; ``None``: derived from the run seed
         and the product's name (:func:`product_seed`), so a product's parameters do not depend on which
-        products came before it.
+        products came before it. ``loggers`` receive one record per epoch (moleflow.training_log).
         """
         tcfg = self.cfg.train
         start = time.perf_counter()
@@ -155,10 +169,11 @@ class ContinualTrainer:
         self.model.train()
         bar = tqdm(range(tcfg.epochs), desc=f"train {task}", disable=not progress, leave=False)
         for epoch in bar:
-            total, count = 0.0, 0
+            epoch_start, sums, count = time.perf_counter(), {}, 0
+            lr = optimizer.param_groups[0]["lr"]
             for batch in features.batches(tcfg.batch_size, shuffle=True, generator=generator):
                 batch = batch.to(self.device)
-                loss, _ = self.objective(batch, task, trains_base=train_base)
+                loss, parts = self.objective(batch, task, trains_base=train_base)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"task {task!r}, epoch {epoch}: loss is {loss.item()}; lower train.lr or check the features"
@@ -168,10 +183,16 @@ class ContinualTrainer:
                 if tcfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
                 optimizer.step()
-                total, count = total + loss.item() * len(batch), count + len(batch)
+                for key, value in {"loss": loss.detach(), **parts}.items():  # summed on the device, read once
+                    sums[key] = sums.get(key, 0.0) + value * len(batch)
+                count += len(batch)
             scheduler.step()
-            report.epoch_losses.append(total / max(1, count))
+            means = {k: float(v) / max(1, count) for k, v in sums.items()}
+            report.epoch_losses.append(means["loss"])
             bar.set_postfix(loss=f"{report.epoch_losses[-1]:.3f}")
+            record = {"task": task, "epoch": epoch + 1, **means, "lr": lr, "seconds": time.perf_counter() - epoch_start}
+            for logger in loggers:
+                logger.log_epoch(record)
         self.model.set_trainable(None, train_base=False)
         self.model.eval()
         self.add_prototype(task, features)

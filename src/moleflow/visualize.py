@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from moleflow.atomic import atomic_write
+from moleflow.maps import resize_map
 
 __all__ = [
     "atomic_write",
@@ -31,17 +32,6 @@ __all__ = [
     "save_png",
     "save_prediction_figure",
 ]
-
-
-def resize_map(amap: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Resize a 2-D map ``(h, w)`` to ``size = (H, W)`` (bilinear, or nearest for masks); float32 out."""
-    amap = np.asarray(amap, dtype=np.float32)
-    if amap.ndim != 2:
-        raise ValueError(f"expected a 2-D map (H, W), got shape {amap.shape}")
-    if amap.shape == tuple(size):
-        return amap
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    return np.asarray(Image.fromarray(amap, mode="F").resize((size[1], size[0]), resample), dtype=np.float32)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

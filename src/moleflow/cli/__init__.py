@@ -55,6 +55,16 @@ def _common(sp: argparse.ArgumentParser, with_set: bool = False) -> None:
         )
 
 
+def _training_options(sp: argparse.ArgumentParser) -> None:
+    _workers_option(sp)
+    sp.add_argument(
+        "--logger",
+        action="append",
+        choices=("csv", "tensorboard", "mlflow"),
+        help="training curves per epoch: csv (RUN_DIR/logs/training.csv, the default), tensorboard, mlflow (repeatable)",
+    )
+
+
 def _workers_option(sp: argparse.ArgumentParser) -> None:
     import os
 
@@ -67,7 +77,7 @@ def _workers_option(sp: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moleflow.cli import lifecycle, predict, protocol
+    from moleflow.cli import export, lifecycle, predict, protocol, serve
 
     p = argparse.ArgumentParser(
         prog="moleflow",
@@ -78,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", default=False, help="debug logs, tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", default=False, help="warnings and results only")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    lifecycle.add_parsers(sub, _common, _workers_option)
+    lifecycle.add_parsers(sub, _common, _training_options)
     predict.add_parser(sub, _common)
-    protocol.add_parsers(sub, _common, _workers_option)
+    serve.add_parser(sub, _common)
+    export.add_parser(sub, _common)
+    protocol.add_parsers(sub, _common, _training_options)
     sub.add_parser("bench", help="speed and memory measurements: moleflow bench [--quick] [--json PATH]", add_help=False)
     sub.add_parser(
         "analyze", help="the paper's analyses: moleflow analyze {interaction,ablation,order,lora,dia,growth,routing}"
@@ -118,8 +130,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DatasetError,
         RunDirectoryError,
         CalibrationError,
-        OSError,
         MissingExtraError,
+        OSError,
     ]
     if "moleflow.detector" in sys.modules:  # imported by the command; importing it here would import torch
         from moleflow.checkpoint import CheckpointError
@@ -164,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     if quiet:
         args.no_progress = True
     try:
-        return args.func(args)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines do not break the progress bars
+            return args.func(args)
     except KeyboardInterrupt:
         print("moleflow: interrupted", file=sys.stderr)
         return 130

@@ -125,17 +125,16 @@ def _parse_products(items: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def open_or_create(run_dir: Path, config: str | None, overrides: list[str], **options):
-    """The run's detector: loaded if the run exists (config options must then match it), else created."""
+def open_existing(run_dir: Path, config: str | None, overrides: list[str], **options):
+    """``(detector, None)`` for an existing run (config options must then match it), ``(None, config)``
+    for a new one, which is created only once its products have been checked."""
     from moleflow.config import apply_overrides, dump_yaml, load_config
     from moleflow.detector import Detector
     from moleflow.rundir import RunDirectory, RunDirectoryError
 
     run = RunDirectory(run_dir)
     if run.is_empty():
-        cfg = apply_overrides(load_config(config or "offline"), overrides)
-        log.info("new run %s (preset %s)", run_dir, cfg.preset)
-        return Detector.create(cfg, run_dir, **options)
+        return None, apply_overrides(load_config(config or "offline"), overrides)
     detector = Detector.load(run_dir, **options)
     if config or overrides:
         wanted = apply_overrides(load_config(config) if config else detector.cfg, overrides)
@@ -144,46 +143,51 @@ def open_or_create(run_dir: Path, config: str | None, overrides: list[str], **op
                 f"{run_dir} already has its config ({run.config_path}); --config/--set apply to new runs only. "
                 "Drop them, or learn into a new run directory"
             )
-    return detector
+    return detector, None
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from moleflow.data import parse_limits
+    from moleflow.detector import Detector
     from moleflow.session import RunSession
+    from moleflow.sources import calibration_samples
+    from moleflow.training_log import training_loggers
+    from moleflow.validation import validate_tasks
 
     products = _parse_products(args.products)
     limits = parse_limits(args.limits)
     parallel = parallel_options(args)
     if args.calib and (len(products) > 1 or parallel is not None):
         raise ValueError("--calib DIR holds one product's normal images: learn that product on its own, without --parallel")
+    run_dir = Path(args.run_dir)
     options = {"progress": not args.no_progress, "num_workers": args.workers, "feature_cache": args.feature_cache}
     if args.device:
         options["device"] = args.device
-    detector = open_or_create(Path(args.run_dir), args.config, args.set, **options)
-    session = RunSession(detector)
-    if parallel is not None:
-        return _learn_parallel(args, session, products, parallel, limits)
-    for name, source in products:
-        session.learn(
-            source,
-            name,
-            evaluate=args.eval,
-            replace=args.replace,
-            calib=args.calib,
-            data_root=args.data,
-            limits=limits,
-        )
+    with training_loggers(args.logger, run_dir) as loggers:
+        detector, new_config = open_existing(run_dir, args.config, args.set, loggers=loggers, **options)
+        # --parallel: a rerun learns only the products the run lacks (the others are reported as skipped)
+        resume = parallel is not None and detector is not None and not args.replace
+        skipped = [(name, source) for name, source in products if resume and name in detector]
+        todo = [p for p in products if p not in skipped]
+        resolved = resolve_products(detector, todo, args.data, limits, args.replace, run_dir)
+        validate_tasks([r.task for r in resolved], calibration_samples(args.calib) if args.calib else ())
+        if detector is None:
+            log.info("new run %s (preset %s)", run_dir, new_config.preset)
+            detector = Detector.create(new_config, run_dir, loggers=loggers, **options)
+        session = RunSession(detector)
+        if parallel is not None:
+            return _learn_parallel(args, session, skipped + [(r.task.name, r) for r in resolved], parallel)
+        for r in resolved:
+            session.learn(r, r.task.name, evaluate=args.eval, replace=args.replace, calib=args.calib, check=False)
     print(format_tasks(session.detector.tasks(), session.results()))
-    print(f"\nrun directory: {args.run_dir}  report: {Path(args.run_dir) / 'report.md'}")
+    print(f"\nrun directory: {run_dir}  report: {run_dir / 'report.md'}")
     return 0
 
 
-def _learn_parallel(args: argparse.Namespace, session, products, parallel, limits) -> int:
+def _learn_parallel(args: argparse.Namespace, session, products, parallel) -> int:
     from moleflow.parallel import ParallelError
 
-    report = session.learn_many(
-        products, evaluate=args.eval, parallel=parallel, replace=args.replace, data_root=args.data, limits=limits
-    )
+    report = session.learn_many(products, evaluate=args.eval, parallel=parallel, replace=args.replace, data_root=args.data)
     print(format_tasks(session.detector.tasks(), session.last_results or session.results()))
     print(
         f"\nlearned {len(report.learned)}, skipped {len(report.skipped)} (already in the run), failed {len(report.failed)}"
@@ -192,6 +196,17 @@ def _learn_parallel(args: argparse.Namespace, session, products, parallel, limit
     if report.failed:
         raise ParallelError(report.failure_line())
     return 0
+
+
+def resolve_products(detector, products: list[tuple[str, str]], data_root, limits, replace: bool, run_dir: Path):
+    """Every product's data, before anything is learned (a bad SPEC or an existing name fails at once)."""
+    from moleflow.detector import TaskExistsError
+    from moleflow.sources import resolve_source
+
+    existing = [name for name, _ in products if detector is not None and name in detector and not replace]
+    if existing:
+        raise TaskExistsError(f"product {', '.join(existing)} already exists; forget it first, or pass --replace")
+    return [resolve_source(name, source, data_root, limits, run_dir) for name, source in products]
 
 
 def cmd_forget(args: argparse.Namespace) -> int:

@@ -5,6 +5,9 @@ sockets, dangling links), non-image files and ``ground_truth`` directories (MVTe
 Heatmaps mirror each image's path relative to the directory it was found in, so two images with the same
 file name never overwrite each other. One unreadable image does not stop the others: it is reported in
 ``predictions.json`` / ``predictions.csv`` and the exit status is 1.
+
+``RUN_DIR`` may also be an export directory (``moleflow export``): it is then predicted with onnxruntime
+(``--runtime onnx``, the default for an export), and neither torch nor timm is imported.
 """
 
 from __future__ import annotations
@@ -38,8 +41,13 @@ CSV_FIELDS = (
 
 def add_parser(sub, common) -> None:
     r = sub.add_parser("predict", help="routed product, score, verdict and heatmap per image")
-    r.add_argument("run_dir")
+    r.add_argument("run_dir", metavar="RUN_OR_EXPORT_DIR")
     r.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    r.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        help="torch (a run directory) or onnx (an export directory, no torch needed); default: by the directory",
+    )
     r.add_argument("--out", help="output directory (default: RUN_DIR/predictions)")
     r.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run's config)")
     r.add_argument("--batch-size", type=int, default=16)
@@ -89,16 +97,37 @@ def _heatmap_path(out_dir: Path, image: InputImage, taken: set[Path]) -> Path:
     return path
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _load(directory: str, runtime: str | None, options: dict):
+    """The torch :class:`~moleflow.detector.Detector` of a run, or the onnxruntime detector of an export
+    (imported only then, so that predicting an export never imports torch)."""
+    from moleflow.deploy.manifest import is_export
+
+    exported = is_export(directory)
+    runtime = runtime or ("onnx" if exported else "torch")
+    if runtime == "onnx":
+        if not exported:
+            raise ValueError(
+                f"{directory} is not an export directory (no manifest.json); make one with "
+                f"`moleflow export {directory} --out DIR`, or predict with --runtime torch"
+            )
+        from moleflow.deploy.runtime import OnnxDetector
+
+        return OnnxDetector.load(directory, **options)
+    if exported:
+        raise ValueError(f"{directory} is an export directory: predict it with --runtime onnx (or give the run)")
     from moleflow.detector import Detector
 
+    return Detector.load(directory, **options)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     inputs = collect_inputs(args.images)
     if not inputs:
         raise ValueError(f"no image files found in {' '.join(args.images)} (hidden files and ground_truth/ are skipped)")
     options = {"progress": False} | ({"device": args.device} if args.device else {})
-    detector = Detector.load(args.run_dir, **options)
+    detector = _load(args.run_dir, args.runtime, options)
     out_dir = Path(args.out or Path(args.run_dir) / "predictions")
     rows, taken = [], set()
     for start in range(0, len(inputs), args.batch_size):
@@ -114,7 +143,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_batch(detector, batch: list[InputImage], out_dir: Path, taken: set[Path], heatmaps: bool) -> list[dict]:
-    from moleflow.data.io import read_image
+    from moleflow.data.io import image_size, read_image
 
     images, readable, rows = [], [], []
     for item in batch:
@@ -125,7 +154,7 @@ def _predict_batch(detector, batch: list[InputImage], out_dir: Path, taken: set[
             log.warning("skipping %s: %s", item.path, e)
             rows.append({"image": str(item.path), "error": str(e)})
     for item, image, pred in zip(readable, images, detector.predict(images) if images else [], strict=True):
-        row = {**pred.to_json(), "image": str(item.path)}
+        row = {**pred.to_json(), "image": str(item.path), "image_size": list(image_size(item.path))}  # as stored
         if heatmaps:
             row["heatmap"] = str(_save_heatmap(detector, image, pred, _heatmap_path(out_dir, item, taken)))
         rows.append(row)
@@ -137,7 +166,7 @@ def _predict_batch(detector, batch: list[InputImage], out_dir: Path, taken: set[
 
 
 def _max_side() -> int:
-    from moleflow.detector import MAX_MAP_SIDE
+    from moleflow.maps import MAX_MAP_SIDE
 
     return MAX_MAP_SIDE
 

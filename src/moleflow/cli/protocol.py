@@ -53,11 +53,13 @@ def run_protocol(cfg, specs: list[str], data_root: str | None, out: Path, limits
     from moleflow.data import resolve_tasks
     from moleflow.experiment import ContinualExperiment
     from moleflow.report import format_summary_table
+    from moleflow.training_log import training_loggers
 
     tasks = resolve_tasks(specs, data_root, limits)
     start = time.perf_counter()
-    exp = ContinualExperiment(cfg, out, **options)
-    results = exp.run(tasks, specs, limits, data_root)
+    with training_loggers(options.pop("logger", None), out) as loggers:
+        exp = ContinualExperiment(cfg, out, loggers=loggers, **options)
+        results = exp.run(tasks, specs, limits, data_root)
     print(format_summary_table(results))
     print(f"\nrun directory: {out}  ({time.perf_counter() - start:.0f} s)  report: {out / 'report.md'}")
     return results
@@ -80,6 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         feature_cache=args.feature_cache,
         overwrite=args.overwrite,
         resume=args.resume,
+        logger=args.logger,
     )
     return 0
 

@@ -30,6 +30,7 @@ from moleflow.names import check_task_name
 __all__ = ["DatasetError", "Sample", "FileSample", "ArraySample", "TaskData", "check_task_name"]
 
 NORMAL_DEFECT = "good"
+CHECK_SIDE = 64  # a checked image is decoded to this size
 LABELS = (0, 1)
 
 
@@ -62,12 +63,19 @@ class Sample(ABC):
         """Whether :meth:`load_mask` returns an array (``False``: the dataset has no masks)."""
 
     @abstractmethod
-    def load_image(self) -> np.ndarray:
-        """Decode the image: ``(H, W, 3)`` RGB ``uint8``; DatasetError naming the file if unreadable."""
+    def load_image(self, max_side: int | None = None) -> np.ndarray:
+        """Decode the image: ``(H, W, 3)`` RGB ``uint8`` (long side at most ``max_side`` when given);
+        DatasetError naming the file if unreadable."""
 
     @abstractmethod
     def load_mask(self) -> np.ndarray | None:
         """Ground truth ``(H, W)`` ``float32`` in ``{0, 1}`` (the image's size); ``None``: no masks."""
+
+    def check(self) -> None:
+        """Raise DatasetError naming the file unless the image (and mask) can be read; cheap where possible."""
+        self.load_image()
+        if self.has_mask:
+            self.load_mask()
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,14 @@ class FileSample(Sample):
     def has_mask(self) -> bool:
         return self.masked
 
-    def load_image(self) -> np.ndarray:
-        return read_image(self.image_path)
+    def load_image(self, max_side: int | None = None) -> np.ndarray:
+        """``max_side``: downscale on load (a large JPEG is decoded at reduced size) to this long side."""
+        return read_image(self.image_path, max_side)
+
+    def check(self) -> None:
+        read_image(self.image_path, CHECK_SIDE)  # decodes the whole file (a truncated one fails), small
+        if self.mask_path is not None:
+            self.load_mask()
 
     def load_mask(self) -> np.ndarray | None:
         if not self.masked:
@@ -140,8 +154,11 @@ class ArraySample(Sample):
     def has_mask(self) -> bool:
         return self.mask is not None
 
-    def load_image(self) -> np.ndarray:
+    def load_image(self, max_side: int | None = None) -> np.ndarray:
         return self.image.copy()
+
+    def check(self) -> None:
+        return None  # validated when it was made
 
     def load_mask(self) -> np.ndarray | None:
         return None if self.mask is None else self.mask.copy()

@@ -23,9 +23,13 @@ saying so: it was drawn on the unrotated pixels, and rotating it by guess could 
 degree or mirrored orientation the sizes agree and no check can tell; such masks are taken as displayed.)
 
 Bounds: an image with more than :func:`max_image_pixels` pixels is refused from its header, before any
-decoding (decompression bombs, absurd sizes); non-regular files (FIFOs, devices, dangling links) are refused
-without being opened; ``read_image(path, max_side)`` decodes a large JPEG at reduced size (draft mode) and
-downscales any image to that long side, so memory does not grow with the input's pixel count.
+decoding (decompression bombs, absurd sizes; TIFFs that tifffile reads included); non-regular files
+(FIFOs, devices, dangling links) are refused without being opened; ``read_image(path, max_side)`` decodes
+a large JPEG at reduced size (draft mode) and downscales any image to that long side, so memory does not
+grow with the input's pixel count.
+:func:`read_image_bytes` reads the bytes of an image file (an upload to the server) with the same code,
+bounds and errors; content of no image format raises :class:`NotAnImageError`, an image over the pixel
+bound :class:`ImageTooLargeError` (both DatasetErrors).
 
 Masks: any mode; a pixel is foreground if any colour channel is non-zero (alpha ignored), so 0/255, 0/1
 and palette masks all binarise to ``{0, 1}`` ``float32``.
@@ -34,14 +38,15 @@ and palette masks all binarise to ``{0, 1}`` ``float32``.
 from __future__ import annotations
 
 import os
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from moleflow.data.errors import DatasetError
+from moleflow.data.errors import DatasetError, ImageTooLargeError, NotAnImageError
 from moleflow.data.orientation import DESCRIPTIONS, apply_orientation, displayed_size, orientation_of, swaps_axes
-from moleflow.data.tiff import TIFF_SUFFIXES, pillow_loses_bits, read_tiff, tiff_size
+from moleflow.data.tiff import TIFF_SUFFIXES, is_tiff_bytes, pillow_loses_bits, read_tiff, tiff_size
 
 DEFAULT_MAX_MEGAPIXELS = 50
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -59,13 +64,42 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(directory: Path) -> list[Path]:
-    """Image files directly inside ``directory``, sorted by file name (hidden and non-image files skipped)."""
-    return sorted((p for p in directory.iterdir() if is_image_file(p)), key=lambda p: p.name)
+    """Image files directly inside ``directory``, sorted by file name (hidden and non-image files skipped).
+
+    An entry named like an image that is neither a regular file nor a directory (a dangling symbolic link,
+    a link loop, a FIFO) is an error naming every such entry, not a silent gap in the data.
+    """
+    entries = sorted(directory.iterdir(), key=lambda p: p.name)
+    named = [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()]
+    broken = [p for p in named if not _is_regular(p)]
+    if broken:
+        listed = ", ".join(f"{p.name} ({_kind(p)})" for p in broken[:10])
+        more = f" and {len(broken) - 10} more" if len(broken) > 10 else ""
+        raise DatasetError(f"{directory}: entries named like images are not image files: {listed}{more}; fix or remove them")
+    return named
 
 
-def _decode_error(path: Path, exc: Exception) -> DatasetError:
+def _is_regular(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a symbolic link loop
+        return False
+
+
+def _kind(path: Path) -> str:
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except FileNotFoundError:
+            return "dangling symbolic link"
+        except (OSError, RuntimeError):
+            return "symbolic link loop"
+    return "directory" if path.is_dir() else "not a regular file"
+
+
+def _decode_error(name: str | Path, exc: Exception) -> DatasetError:
     return DatasetError(
-        f"cannot decode image file {path}: {exc}. The file is corrupt, truncated or not an image; replace or delete it"
+        f"cannot decode image file {name}: {exc}. The file is corrupt, truncated or not an image; replace or delete it"
     )
 
 
@@ -75,18 +109,20 @@ def max_image_pixels() -> int:
 
 
 def _check_regular(path: Path) -> None:
-    if path.is_symlink() and not path.exists():
-        raise DatasetError(f"{path} is a dangling symbolic link; fix or delete it")
+    if path.is_symlink() and not _is_regular(path):
+        raise DatasetError(f"{path} is a {_kind(path)}; fix or delete it")
     if path.exists() and not path.is_file():
         raise DatasetError(f"{path} is not a regular file (a directory, FIFO or device); remove it from the image folder")
 
 
-def _check_pixels(path: Path, width: int, height: int) -> None:
-    limit = max_image_pixels()
+def _check_pixels(name: str | Path, width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse ``width x height`` beyond ``max_pixels`` (default :func:`max_image_pixels`), from the header."""
+    limit = max_image_pixels() if max_pixels is None else max_pixels
     if width * height > limit:
-        raise DatasetError(
-            f"image {path} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the limit of "
-            f"{limit / 1e6:.0f}; downscale it, or raise MOLEFLOW_MAX_IMAGE_MEGAPIXELS"
+        how = "raise MOLEFLOW_MAX_IMAGE_MEGAPIXELS" if max_pixels is None else "send a smaller image"
+        raise ImageTooLargeError(
+            f"image {name} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the limit of "
+            f"{limit / 1e6:.0f}; downscale it, or {how}"
         )
 
 
@@ -98,13 +134,21 @@ def _bounded_size(width: int, height: int, max_side: int | None) -> tuple[int, i
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _decode(path: Path, max_side: int | None = None) -> tuple[Image.Image | np.ndarray, int]:
-    """Fully decode ``path``: a Pillow image (or, for TIFFs Pillow reads wrongly, the stored array) and its
-    orientation tag; raise DatasetError naming the file on any failure. Bounds: module docstring."""
-    _check_regular(path)
+def _might_be_tiff(source: Path | bytes) -> bool:
+    """Worth a second try with tifffile: a ``.tif(f)`` file, or bytes that start like a TIFF."""
+    return source.suffix.lower() in TIFF_SUFFIXES if isinstance(source, Path) else is_tiff_bytes(source)
+
+
+def _decode(
+    source: Path | bytes, name: str | Path, max_side: int | None = None, max_pixels: int | None = None
+) -> tuple[Image.Image | np.ndarray, int]:
+    """Fully decode a file or the bytes of one: a Pillow image (or, for TIFFs Pillow reads wrongly, the stored
+    array) and its orientation tag; raise DatasetError naming ``name`` on any failure. Bounds: module docstring."""
+    if isinstance(source, Path):
+        _check_regular(source)
     try:
-        with Image.open(path) as image:
-            _check_pixels(path, *image.size)
+        with Image.open(source if isinstance(source, Path) else BytesIO(source)) as image:
+            _check_pixels(name, *image.size, max_pixels)
             if not pillow_loses_bits(image):
                 target = _bounded_size(*image.size, max_side)
                 if target is not None:
@@ -115,16 +159,22 @@ def _decode(path: Path, max_side: int | None = None) -> tuple[Image.Image | np.n
                 return image.copy(), orientation_of(image)
     except DatasetError:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own bound (far above ours) fired first
+        raise ImageTooLargeError(f"image {name} has more pixels than the limit ({exc}); downscale it") from exc
     except FileNotFoundError as exc:
-        raise DatasetError(f"image file not found: {path}") from exc
+        raise DatasetError(f"image file not found: {name}") from exc
     except PermissionError as exc:
-        raise DatasetError(f"image file {path} is not readable by this user; check its permissions") from exc
+        raise DatasetError(f"image file {name} is not readable by this user; check its permissions") from exc
     except UnidentifiedImageError as exc:
-        if path.suffix.lower() not in TIFF_SUFFIXES:
-            raise _decode_error(path, exc) from exc
+        if not _might_be_tiff(source):
+            raise NotAnImageError(
+                f"{name} is not an image file (no known image format); give a PNG, JPEG, BMP, TIFF or WebP image"
+            ) from exc
     except _READ_ERRORS as exc:
-        raise _decode_error(path, exc) from exc
-    return read_tiff(path)  # 16-bit RGB, float RGB or float64 TIFF
+        raise _decode_error(name, exc) from exc
+    (height, width), _ = tiff_size(source, name)  # 16-bit RGB, float RGB or float64 TIFF
+    _check_pixels(name, width, height, max_pixels)
+    return read_tiff(source, name)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -200,12 +250,28 @@ def read_image(path: str | Path, max_side: int | None = None) -> np.ndarray:
     ``max_side``: downscale (aspect kept) so that the long side is at most this many pixels.
     """
     path = Path(path)
-    decoded, orientation = _decode(path, max_side)
+    return _displayed_rgb(*_decode(path, path, max_side), path, max_side)
+
+
+def read_image_bytes(data: bytes, name: str, max_side: int | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """:func:`read_image` for the bytes of an image file (an upload); ``name`` names it in errors.
+
+    The same bounds and errors: :class:`ImageTooLargeError` beyond ``max_pixels`` (default
+    :func:`max_image_pixels`) from the header before decoding, :class:`NotAnImageError` for content of no
+    image format, :class:`DatasetError` for a corrupt or truncated image.
+    """
+    return _displayed_rgb(*_decode(bytes(data), name, max_side, max_pixels), name, max_side)
+
+
+def _displayed_rgb(
+    decoded: Image.Image | np.ndarray, orientation: int, name: str | Path, max_side: int | None
+) -> np.ndarray:
+    """A decoded image -> RGB ``uint8`` ``(H, W, 3)`` as displayed, long side at most ``max_side``."""
     try:
         rgb = to_rgb_uint8(decoded) if isinstance(decoded, Image.Image) else array_to_rgb_uint8(decoded)
     except (ValueError, OSError) as exc:
         mode = decoded.mode if isinstance(decoded, Image.Image) else decoded.dtype
-        raise DatasetError(f"cannot convert image {path} (mode {mode}) to RGB: {exc}") from exc
+        raise DatasetError(f"cannot convert image {name} (mode {mode}) to RGB: {exc}") from exc
     rgb = apply_orientation(rgb, orientation)
     target = _bounded_size(rgb.shape[1], rgb.shape[0], max_side)
     if target is not None:
@@ -234,7 +300,7 @@ def mask_to_binary(image: Image.Image | np.ndarray) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a mask file as ``float32`` ``{0, 1}`` ``(H, W)``, its own orientation tag applied."""
     path = Path(path)
-    decoded, orientation = _decode(path)
+    decoded, orientation = _decode(path, path)
     return apply_orientation(mask_to_binary(decoded), orientation)
 
 

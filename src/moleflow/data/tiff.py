@@ -8,6 +8,7 @@ single-channel modes (16-bit: ``v * 255 / 65535`` rounded; float: ``[0, 1]`` -> 
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,17 @@ from PIL import Image
 from moleflow.data.errors import DatasetError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # little/big endian, classic and BigTIFF
 _BITS_PER_SAMPLE = 258
+
+
+def is_tiff_bytes(data: bytes) -> bool:
+    """True when ``data`` starts like a TIFF (classic or BigTIFF, either byte order)."""
+    return data[:4] in TIFF_MAGIC
+
+
+def _handle(source: Path | bytes) -> Path | BytesIO:
+    return source if isinstance(source, Path) else BytesIO(source)
 
 
 def pillow_loses_bits(image: Image.Image) -> bool:
@@ -28,14 +39,16 @@ def pillow_loses_bits(image: Image.Image) -> bool:
     return len(bits) > 1 and max(bits) > 8
 
 
-def read_tiff(path: Path) -> tuple[np.ndarray, int]:
-    """The first page of a TIFF as stored numbers ``(H, W)`` or ``(H, W, S)`` and its Orientation tag."""
+def read_tiff(source: Path | bytes, name: str | Path | None = None) -> tuple[np.ndarray, int]:
+    """The first page of a TIFF (a file, or its bytes) as stored numbers ``(H, W)`` or ``(H, W, S)`` and its
+    Orientation tag; ``name`` names it in errors (default: the path)."""
+    path = name if name is not None else source
     try:
         import tifffile
     except ImportError as exc:  # a declared dependency; only a broken install gets here
         raise DatasetError(f"{path}: reading this TIFF needs the 'tifffile' package (pip install tifffile)") from exc
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(_handle(source)) as tif:
             page = tif.pages[0]
             array = page.asarray()
             tag = page.tags.get("Orientation")
@@ -52,12 +65,13 @@ def read_tiff(path: Path) -> tuple[np.ndarray, int]:
     return array, orientation
 
 
-def tiff_size(path: Path) -> tuple[tuple[int, int], int]:
+def tiff_size(source: Path | bytes, name: str | Path | None = None) -> tuple[tuple[int, int], int]:
     """Stored ``(H, W)`` of a TIFF's first page and its Orientation tag, from the header only."""
     import tifffile
 
+    path = name if name is not None else source
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(_handle(source)) as tif:
             page = tif.pages[0]
             tag = page.tags.get("Orientation")
             return (int(page.imagelength), int(page.imagewidth)), int(tag.value) if tag is not None else 1

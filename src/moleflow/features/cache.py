@@ -34,6 +34,7 @@ from moleflow.features.extractor import FeatureExtractor, image_to_tensor
 
 FORMAT = "moleflow.features"
 FORMAT_VERSION = 1
+LOAD_SIDE_FACTOR = 4  # images are decoded to at most 4x the model's input side before the final resize
 Index = int | np.integer | slice | Sequence[int] | Sequence[bool] | np.ndarray | torch.Tensor
 
 
@@ -48,8 +49,8 @@ class CacheMismatchError(ValueError):
 class SupportsLoadImage(Protocol):
     """What :func:`extract_features` needs of a sample (``moleflow.data.base.Sample`` has it)."""
 
-    def load_image(self) -> np.ndarray:
-        """uint8 RGB image (H, W, 3)."""
+    def load_image(self, max_side: int | None = None) -> np.ndarray:
+        """uint8 RGB image (H, W, 3), downscaled on load to a long side of at most ``max_side``."""
         ...
 
 
@@ -215,7 +216,8 @@ class _ImageDataset(Dataset[torch.Tensor]):
     def __getitem__(self, i: int) -> torch.Tensor:
         sample = self.samples[i]
         try:
-            return image_to_tensor(sample.load_image(), self.size)
+            # a huge image is reduced while it is decoded (JPEG draft) instead of being held at full size
+            return image_to_tensor(sample.load_image(max_side=LOAD_SIDE_FACTOR * self.size), self.size)
         except Exception as e:  # name the file whatever went wrong, keep the cause chained
             where = getattr(sample, "image_path", None) or getattr(sample, "path", None) or repr(sample)
             raise ImageLoadError(f"could not load image {where}: {type(e).__name__}: {e}") from e
