@@ -21,7 +21,7 @@ from moleflow.config import (
     schema_text,
     to_dict,
 )
-from moleflow.config_base import Fraction, Section, set_dotted
+from moleflow.config_base import Fraction, Section, parse_override, set_dotted
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "config.schema.json"
 
@@ -177,3 +177,16 @@ def test_a_new_section_is_a_few_lines_and_gets_the_same_checks():
 
 def test_committed_json_schema_is_current():
     assert SCHEMA_FILE.read_text() == schema_text(), "docs/config.schema.json is stale: run `make schema`"
+
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-3", 1e-3), ("-5E+2", -500.0), ("2.5e-1", 0.25), ("7", 7), ("e3", "e3")])
+def test_exponent_floats_without_a_dot_are_numbers_in_overrides(text, value):
+    # PyYAML (YAML 1.1) reads "1e-3" as a string; a user writing --set train.lr=1e-3 means the number
+    assert parse_override(f"train.lr={text}") == ("train.lr", value)
+
+
+def test_exponent_floats_without_a_dot_are_numbers_in_config_files(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: offline\ntrain:\n  lr: 3e-4\n")
+    assert load_config(path).train.lr == 3e-4

@@ -42,6 +42,7 @@ from moleflow.config_base import (
     UnitInterval,
     deep_merge,
     json_schema_text,
+    load_yaml,
     parse_override,
     set_dotted,
     to_dict,
@@ -399,7 +400,7 @@ def load_config(source: str | Path) -> MoleFlowConfig:
         what = "is a directory" if path.is_dir() else "does not exist"
         raise ConfigError(f"config {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file ({what})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, Mapping):

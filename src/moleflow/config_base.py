@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -319,13 +320,30 @@ def replace(section: S, **changes: Any) -> S:
         raise config_error(e, type(section)) from None
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` / ``-5E+2`` as floats as YAML 1.2 does (YAML 1.1 wants a dot:
+    ``1e-3`` would be the string ``"1e-3"``, and ``--set train.lr=1e-3`` would fail validation)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as YAML with :class:`YamlLoader` (config files and ``--set`` values alike)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``: the value is read as YAML (``null``, ``[1, 2]``)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
     try:
-        return key, (yaml.safe_load(raw) if raw.strip() else None)
+        return key, (load_yaml(raw) if raw.strip() else None)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from e
 
