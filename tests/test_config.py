@@ -179,7 +179,6 @@ def test_committed_json_schema_is_current():
     assert SCHEMA_FILE.read_text() == schema_text(), "docs/config.schema.json is stale: run `make schema`"
 
 
-
 @pytest.mark.parametrize(("text", "value"), [("1e-3", 1e-3), ("-5E+2", -500.0), ("2.5e-1", 0.25), ("7", 7), ("e3", "e3")])
 def test_exponent_floats_without_a_dot_are_numbers_in_overrides(text, value):
     # PyYAML (YAML 1.1) reads "1e-3" as a string; a user writing --set train.lr=1e-3 means the number
