@@ -98,7 +98,7 @@ def _killer_task() -> TaskData:
     class _WorkerKiller(ArraySample):  # local: Ray pickles it by value, the worker needs no test module
         """A sample whose decoding kills the process decoding it, as the kernel's OOM killer would."""
 
-        def load_image(self) -> np.ndarray:
+        def load_image(self, max_side: int | None = None) -> np.ndarray:
             os._exit(3)
 
     images = [render_sample("disc", "train", i)[0] for i in range(8)]

@@ -21,6 +21,7 @@ __all__ = ["StageReporter", "cluster", "run_tasks"]
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
+MAX_REASON = 600  # characters of a failed product's reason (a validation error may list many files)
 _depth = 0  # nesting of cluster() in this process
 
 
@@ -90,19 +91,26 @@ def _check_resources(ray: Any, options: RayOptions) -> None:
     )
 
 
+def one_line(message: str, limit: int = MAX_REASON) -> str:
+    """A multi-line message (a validation error lists one bad file per line) joined into one line, cut at
+    ``limit`` characters."""
+    text = " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def failure_reason(ray: Any, error: BaseException) -> str:
     """One line saying why a task failed: its own exception's message, or that its worker was lost."""
     if isinstance(error, ray.exceptions.RayTaskError):
         cause = getattr(error, "cause", None)
         if cause is None:
             return str(error).strip().splitlines()[-1]
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        text = one_line(str(cause))
         return text if isinstance(cause, ValueError) and text else f"{type(cause).__name__}: {text}"
     if isinstance(error, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
         return "its Ray worker died (killed, out of memory, or its node was lost)"
     if isinstance(error, ray.exceptions.TaskCancelledError):
         return "cancelled"
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return f"{type(error).__name__}: {one_line(str(error))}"
 
 
 def run_tasks(
