@@ -7,11 +7,12 @@ CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
 # the extras the test suite needs (anomalib, for the optional AUPRO cross-check, is left out: it is heavy);
-# [serve] for the server tests; the browser test also needs Debian's chromium (.ci/run installs it)
+# [serve] for the server tests (the browser test also needs Debian's chromium, .ci/run installs it);
+# [ray]: tests/test_parallel.py runs a local Ray cluster
 $(BIN)/moleflow: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis,serve,onnx]"
+	$(BIN)/pip install -q $(PIP_C) -e ".[dev,demo,analysis,serve,onnx,ray]"
 	touch $@
 
 .PHONY: install test lint demo schema constraints

@@ -125,11 +125,14 @@ def load_model(
     directory: Path,
     tasks: Sequence[TaskFile],
     base_id: str | None = None,
+    parts: bool = True,
 ) -> tuple[MoLEFlow, Router]:
     """The model and router of ``tasks`` (in order) from the checkpoints in ``directory``.
 
     Prototypes come from ``router.safetensors`` when it lists exactly these parts ids, else from each
     product's own file. ``base_id``: refuse files of another base (``None``: the base file's own id).
+    ``parts=False``: the model gets the base only (products' parts are read later, :func:`load_parts`);
+    product files are then opened only for prototypes the router file lacks.
     """
     directory = Path(directory)
     fp = model_fingerprint(cfg)
@@ -141,27 +144,43 @@ def load_model(
         raise CheckpointError(f"base checkpoint does not match this model: differing keys {sorted(differing)[:5]}")
     model.load_state_dict(base, strict=False)
     stored = _router_rows(directory, fp, base_id)
-    router = Router(cfg.router)
+    means, precisions = [], []
     for entry in tasks:
-        state, task_meta = read_file(entry.path, fp, base_id)
-        if task_meta.get("task") != entry.name or (
-            entry.parts_id is not None and task_meta.get("parts_id") != entry.parts_id
-        ):
-            raise CheckpointError(
-                f"{entry.path} holds {task_meta.get('task')!r} (parts {task_meta.get('parts_id')}), not {entry.name!r} "
-                f"(parts {entry.parts_id}); restore the run's own file"
-            )
-        mean, precision = state.pop(PROTOTYPE_MEAN, None), state.pop(PROTOTYPE_PRECISION, None)
-        if mean is None or precision is None:
-            raise CheckpointError(f"{entry.path} has no router prototype")
-        row = stored.get((entry.name, task_meta.get("parts_id")))
-        try:
-            model.load_task_state_dict(entry.name, state)
-        except ValueError as e:
-            raise CheckpointError(f"{entry.path}: {e}") from e
-        router.add(entry.name, *(row if row is not None else (mean, precision)))
+        row = None if parts or entry.parts_id is None else stored.get((entry.name, entry.parts_id))
+        if row is None:
+            state, parts_id, prototype = _read_task(entry, fp, base_id)
+            row = stored.get((entry.name, parts_id), prototype)
+            if parts:
+                try:
+                    model.load_task_state_dict(entry.name, state)
+                except ValueError as e:
+                    raise CheckpointError(f"{entry.path}: {e}") from e
+        means.append(row[0].to(torch.float64))
+        precisions.append(row[1].to(torch.float64))
+    router = Router(cfg.router)
+    if tasks:  # stacked once: adding prototypes one by one copies the whole table per product
+        router.extend([t.name for t in tasks], torch.stack(means), torch.stack(precisions))
     model.eval()
     return model, router
+
+
+def _read_task(entry: TaskFile, fp: str, base_id: str):
+    """``(parts, parts_id, (mean, precision))`` of one product file, checked to hold ``entry``."""
+    state, task_meta = read_file(entry.path, fp, base_id)
+    if task_meta.get("task") != entry.name or (entry.parts_id is not None and task_meta.get("parts_id") != entry.parts_id):
+        raise CheckpointError(
+            f"{entry.path} holds {task_meta.get('task')!r} (parts {task_meta.get('parts_id')}), not {entry.name!r} "
+            f"(parts {entry.parts_id}); restore the run's own file"
+        )
+    mean, precision = state.pop(PROTOTYPE_MEAN, None), state.pop(PROTOTYPE_PRECISION, None)
+    if mean is None or precision is None:
+        raise CheckpointError(f"{entry.path} has no router prototype")
+    return state, task_meta.get("parts_id"), (mean, precision)
+
+
+def load_parts(cfg: MoleFlowConfig, entry: TaskFile, base_id: str) -> dict[str, torch.Tensor]:
+    """The parts (task-neutral keys) of one product file, checked like :func:`load_model` checks it."""
+    return _read_task(entry, model_fingerprint(cfg), base_id)[0]
 
 
 def _router_rows(directory: Path, fp: str, base_id: str) -> Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:

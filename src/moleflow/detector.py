@@ -24,9 +24,10 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,16 +40,21 @@ from moleflow.features.store import FeatureSource
 from moleflow.inference import ScoredBatch, score_features
 from moleflow.maps import MAX_MAP_SIDE, map_shape, resize_map
 from moleflow.names import check_task_name
+from moleflow.portable import DetectorState, ProductState, add_product, build_model, detector_state, product_state
 from moleflow.prediction import Prediction, decide, iter_inputs, make_prediction
 from moleflow.rundir import RunDirectory, RunDirectoryError, RunIndex, TaskRecord
 from moleflow.sources import ResolvedSource, calibration_samples, holdout_split, resolve_source
-from moleflow.training import ContinualTrainer, product_seed
+from moleflow.training import ContinualTrainer, product_seed, routing_features
 from moleflow.training_log import TrainingLogger
+
+if TYPE_CHECKING:
+    from moleflow.features.extractor import FeatureExtractor
 
 __all__ = ["MAX_MAP_SIDE", "Detector", "DetectorError", "TaskExistsError", "UnknownTaskError", "resolve_device"]
 
 log = logging.getLogger(__name__)
 SCORE_BATCH = 64
+MAX_RESIDENT = 64  # lazy detectors: products whose parts stay in memory
 
 
 class DetectorError(ValueError):
@@ -91,6 +97,7 @@ class Detector:
         feature_cache: str | os.PathLike[str] | None = None,
         num_workers: int = 0,
         progress: bool = True,
+        extractor: FeatureExtractor | None = None,
         loggers: Sequence[TrainingLogger] = (),
     ) -> None:
         self.cfg = cfg
@@ -105,8 +112,11 @@ class Detector:
         self.num_workers = num_workers
         self.progress = progress
         self.loggers = list(loggers)
-        self._extractor = None
+        self._extractor = extractor  # None: built on first use; given: a FeatureExtractor of this backbone config
+        self.on_stage: Callable[[str, str], None] | None = None  # (product, stage) as learning moves on
         self._staged: set[str] = set()  # products learned since the last commit
+        self._resident: OrderedDict[str, None] | None = None  # lazy: products whose parts are in memory (LRU)
+        self.max_resident = MAX_RESIDENT
         self._base_dirty = False
         if list(self.records) != self.router.tasks:
             raise DetectorError(f"index products {list(self.records)} differ from the router's {self.router.tasks}")
@@ -150,13 +160,24 @@ class Detector:
         return detector
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike[str], *, check_calibration: bool = True, **options: Any) -> Detector:
+    def load(
+        cls,
+        run_dir: str | os.PathLike[str],
+        *,
+        check_calibration: bool = True,
+        lazy: bool = False,
+        max_resident: int = MAX_RESIDENT,
+        **options: Any,
+    ) -> Detector:
         """The detector saved in ``run_dir``; every file is checked (config fingerprint, base id).
 
         ``check_calibration``: refuse products whose thresholds were set under other scoring settings than
-        the config's (their scores would be compared with thresholds on another scale). Given an export
-        directory (``moleflow export``), returns its :class:`~moleflow.deploy.runtime.OnnxDetector`
-        (same predict API, on onnxruntime; it cannot learn).
+        the config's (their scores would be compared with thresholds on another scale). ``lazy``: read only
+        the base and the router's prototypes now, and a product's parts when an image is first routed to it
+        (at most ``max_resident`` products' parts stay in memory, least recently used dropped first): for
+        runs of many products, whose full load costs time and memory per product. Scores are the same.
+        Given an export directory (``moleflow export``), returns its
+        :class:`~moleflow.deploy.runtime.OnnxDetector` (same predict API, on onnxruntime; it cannot learn).
         """
         from moleflow.deploy.manifest import is_export
         from moleflow.flow.model import MoLEFlow
@@ -169,11 +190,16 @@ class Detector:
         run = RunDirectory(run_dir).require()
         cfg = run.read_config()
         index = run.read_index()
+        lazy = lazy and index.base_id is not None
         if index.base_id is None:
             model, router = MoLEFlow(cfg.model, cls._context_dim(cfg)), Router(cfg.router)
         else:
-            model, router = run.load_model(cfg, index)
+            model, router = run.load_model(cfg, index, parts=not lazy)
         detector = cls(cfg, model, router, index, run=run, **options)
+        if lazy:
+            if max_resident < 1:
+                raise DetectorError(f"max_resident must be >= 1, got {max_resident}")
+            detector._resident, detector.max_resident = OrderedDict(), max_resident
         if check_calibration:
             detector.check_calibration()
         return detector
@@ -283,7 +309,8 @@ class Detector:
         check_task_name(name)
         if name in self.records and not replace:
             raise TaskExistsError(f"product {name!r} already exists; forget it first, or pass replace=True (--replace)")
-        resolved = resolve_source(name, source, data_root, limits, self._run_path(), spec)
+        self.load_all()
+        resolved = self.resolve(name, source, data_root=data_root, limits=limits, spec=spec)
         if check:
             from moleflow.validation import validate_tasks
 
@@ -294,6 +321,18 @@ class Detector:
         if commit:
             self.commit()
         return record
+
+    def resolve(
+        self,
+        name: str,
+        source: str | os.PathLike[str] | TaskData | ResolvedSource,
+        *,
+        data_root: str | os.PathLike[str] | None = None,
+        limits: tuple[int, int] | None = None,
+        spec: str | None = None,
+    ) -> ResolvedSource:
+        """The data of product ``name`` from ``source`` and how the run records it (see :meth:`learn`)."""
+        return resolve_source(name, source, data_root, limits, self._run_path(), spec)
 
     def _learn(self, resolved: ResolvedSource, calib) -> tuple[TaskRecord, bool]:
         task = resolved.task
@@ -310,6 +349,7 @@ class Detector:
                     name,
                     len(task.train),
                 )
+        self._stage(name, "extracting")
         log.info(
             "product %r: %d training images, %d to calibrate on (%s), from %s",
             name,
@@ -324,6 +364,7 @@ class Detector:
         train_base = self.base_id is None or self.cfg.train.base_policy == "always_trainable"
         seed = product_seed(self.cfg.train.seed, name)
         undo = self._snapshot(name, train_base)
+        self._stage(name, "training")
         try:
             report = ContinualTrainer(self.model, self.router, self.cfg, self.device).learn_task(
                 name,
@@ -368,12 +409,17 @@ class Detector:
         )
         return record, train_base
 
+    def _stage(self, name: str, stage: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name, stage)
+
     def _snapshot(self, name: str, train_base: bool) -> dict[str, Any]:
         """What :meth:`_restore` needs to undo a failed learn: the old product (if replaced), the base."""
         undo: dict[str, Any] = {"base": None, "product": None}
         if train_base:
             undo["base"] = {k: v.detach().clone() for k, v in self.model.base_state_dict().items()}
         if name in self.records:
+            self._ensure([name])
             undo["product"] = (self.model.task_state_dict(name), self.router.prototype(name), self.records[name])
             self.model.remove_task(name)
             self.router.remove(name)
@@ -419,7 +465,10 @@ class Detector:
     def remove(self, name: str, *, commit: bool = True) -> None:
         """Forget product ``name``: its parts and prototype are deleted; every other product is untouched."""
         self._require(name)
-        self.model.remove_task(name)
+        if name in self.model.tasks:  # a lazy detector may not have read it
+            self.model.remove_task(name)
+        if self._resident is not None:
+            self._resident.pop(name, None)
         self.router.remove(name)
         del self.records[name]
         self._staged.discard(name)
@@ -492,6 +541,10 @@ class Detector:
         for start in range(0, len(feats), SCORE_BATCH):
             chunk = feats[start : start + SCORE_BATCH].to(self.device)
             idx = None if task_index is None else task_index[start : start + SCORE_BATCH]
+            if self._resident is not None:  # lazy: route first, so that the products it needs are read
+                if idx is None:
+                    idx = self.router.route(routing_features(self.model, chunk, self.router.cfg.feature))
+                self._ensure(self.router.tasks[i] for i in torch.unique(idx).tolist())
             parts.append(score_features(self.model, self.router, chunk, self.cfg.scoring, idx).cpu())
         return ScoredBatch.cat(parts)
 
@@ -542,6 +595,44 @@ class Detector:
             out.append(make_prediction(label, image.shape[:2], product, cal, score, distance, amap))
         return out
 
+    # ------------------------------------------------------------------ lazy loading
+
+    @property
+    def lazy(self) -> bool:
+        """Whether products' parts are read on first use (``Detector.load(..., lazy=True)``)."""
+        return self._resident is not None
+
+    def _ensure(self, names: Iterable[str]) -> None:
+        """Lazy: read the parts of ``names`` not in memory yet, then drop the least recently used others
+        beyond ``max_resident``. Eager detectors hold every product: nothing to do."""
+        if self._resident is None:
+            return
+        wanted = list(dict.fromkeys(names))
+        for name in wanted:
+            if name not in self.model.tasks:
+                self.model.load_task_state_dict(name, self.run.load_parts(self.cfg, self.records[name], self.base_id))
+                self.model.eval()
+            self._resident[name] = None
+            self._resident.move_to_end(name)
+        for name in list(self._resident):
+            if len(self._resident) <= self.max_resident:
+                break
+            if name not in wanted and name not in self._staged:
+                self.model.remove_task(name)
+                del self._resident[name]
+
+    def load_all(self) -> None:
+        """A lazy detector reads every product's parts and becomes eager (what learning and saving need: a
+        new product's initialisation may depend on the first product's parts)."""
+        if self._resident is None:
+            return
+        for name in list(self.model.tasks):
+            self.model.remove_task(name)
+        self._resident = None
+        for record in self.records.values():  # the router's order, as an eager load has them
+            self.model.load_task_state_dict(record.name, self.run.load_parts(self.cfg, record, self.base_id))
+        self.model.eval()
+
     # ------------------------------------------------------------------ persistence
 
     def _index(self) -> RunIndex:
@@ -550,10 +641,11 @@ class Detector:
     def _run_path(self) -> Path | None:
         return self.run.path if self.run is not None else None
 
-    def commit(self, before_index: Callable[[], None] | None = None) -> None:
+    def commit(self, before_index: Callable[[], None] | None = None, *, write_router: bool = True) -> None:
         """Write the changes since the last commit to the run directory (see :mod:`moleflow.rundir` for the
         order that keeps it whole through a kill); ``before_index`` writes what is derived from the new
-        state (results, report) just before the index. Nothing to do for an unbound detector."""
+        state (results, report) just before the index; ``write_router=False`` leaves the router file to a
+        later commit. Nothing to do for an unbound detector."""
         if self.run is None:
             return
         with self.run.writing():
@@ -561,7 +653,7 @@ class Detector:
                 self.run.write_base(self.model, self.cfg, self.base_id)
             for name in self._staged:
                 self.run.stage(self.model, self.router, self.cfg, self.records[name], self.base_id)
-            self.run.commit(self._index(), self.router, self.cfg, before_index)
+            self.run.commit(self._index(), self.router, self.cfg, before_index, write_router)
         self._staged.clear()
         self._base_dirty = False
 
@@ -584,9 +676,78 @@ class Detector:
         run = self.run if run_dir is None else RunDirectory(run_dir)
         if run is not self.run and not run.is_empty():
             raise RunDirectoryError(f"{run.path} already exists and is not empty; save into a new directory")
+        self.load_all()
         self.run = run
         with run.writing():
             run.write_config(self.cfg)
         self._staged, self._base_dirty = set(self.records), self.base_id is not None
         self.commit()
         return run
+
+    # ------------------------------------------------------------------ many products, across processes
+
+    def learn_many(
+        self,
+        products: Sequence[tuple[str, Any]],
+        *,
+        parallel: Any = None,
+        replace: bool = False,
+        data_root: str | os.PathLike[str] | None = None,
+        limits: tuple[int, int] | None = None,
+        on_learned: Callable[[TaskRecord], None] | None = None,
+    ) -> Any:
+        """Learn ``products`` (``(name, source)`` pairs), in parallel with ``parallel=RayOptions(...)``;
+        products the detector already has are skipped unless ``replace``. Each finished product is
+        committed at once, without the router file, which is written once at the end (``on_learned(record)``
+        commits instead, when given: then the caller writes it, ``commit()``). Returns a
+        :class:`moleflow.parallel.LearnReport` (learned, skipped, failed with their messages)."""
+        from moleflow.parallel import learn_many
+
+        return learn_many(
+            self, products, parallel=parallel, replace=replace, data_root=data_root, limits=limits, on_learned=on_learned
+        )
+
+    def export_state(self, products: Sequence[str] = ()) -> DetectorState:
+        """The shared base and the products ``products`` as plain CPU tensors (:mod:`moleflow.portable`)."""
+        for name in products:
+            self._require(name)
+        self._ensure(products)
+        return detector_state(self.model, self.router, self.records, self.cfg, self.base_id, self.data_root, products)
+
+    @classmethod
+    def from_state(cls, state: DetectorState, **options: Any) -> Detector:
+        """An unbound detector holding exactly ``state`` (``options`` as in :meth:`create`)."""
+        model, router = build_model(state)
+        index = RunIndex(base_id=state.base_id, tasks=[p.record for p in state.products], data_root=state.data_root)
+        return cls(state.cfg, model, router, index, **options)
+
+    def export_product(self, name: str) -> ProductState:
+        """Product ``name``'s record, parts and prototype, to be :meth:`adopt`-ed by another detector."""
+        record = self._require(name)
+        if self.base_id is None:
+            raise DetectorError("this detector has no trained base yet")
+        self._ensure([name])
+        return product_state(self.model, self.router, record, self.base_id)
+
+    def adopt(self, product: ProductState, *, replace: bool = False, commit: bool = True) -> TaskRecord:
+        """Add a product learned elsewhere against this detector's frozen base (a Ray task, another process);
+        it is then exactly as if :meth:`learn` had learned it here. ``replace``/``commit``: as in :meth:`learn`."""
+        name = check_task_name(product.name)
+        if self.base_id is None or product.base_id != self.base_id:
+            raise DetectorError(
+                f"product {name!r} was learned against base {product.base_id!r}, not this model's {self.base_id!r}"
+            )
+        if name in self.records and not replace:
+            raise TaskExistsError(f"product {name!r} already exists; forget it first, or pass replace=True (--replace)")
+        self.load_all()
+        undo = self._snapshot(name, train_base=False)
+        try:
+            add_product(self.model, self.router, product)
+        except BaseException:
+            self._restore(name, undo)
+            raise
+        self.records[name] = product.record
+        self._staged.add(name)
+        if commit:
+            self.commit()
+        return product.record

@@ -90,14 +90,22 @@ class Router:
     _factors: dict[str, TaskFactors] = field(default_factory=dict, init=False, repr=False)  # per task, once
 
     def add(self, task: str, mean: torch.Tensor, precision: torch.Tensor) -> None:
-        if task in self.tasks:
-            raise ValueError(f"the router already has a prototype for {task!r}")
-        mean, precision = mean.to(torch.float64)[None], precision.to(torch.float64)[None]
-        if self.means is not None and mean.shape[-1] != self.means.shape[-1]:
-            raise ValueError(f"prototype of {task!r} has dim {mean.shape[-1]}, router has {self.means.shape[-1]}")
-        self.means = mean if self.means is None else torch.cat([self.means, mean])
-        self.precisions = precision if self.precisions is None else torch.cat([self.precisions, precision])
-        self.tasks.append(task)
+        self.extend([task], mean[None], precision[None])
+
+    def extend(self, tasks: list[str], means: torch.Tensor, precisions: torch.Tensor) -> None:
+        """Append the prototypes ``means (K, G)``, ``precisions (K, G, G)`` of ``tasks`` in one copy (adding
+        K prototypes one at a time copies the whole table K times)."""
+        seen = set(self.tasks)
+        for task in tasks:
+            if task in seen:
+                raise ValueError(f"the router already has a prototype for {task!r}")
+            seen.add(task)
+        means, precisions = means.to(torch.float64), precisions.to(torch.float64)
+        if self.means is not None and means.shape[-1] != self.means.shape[-1]:
+            raise ValueError(f"prototype of {tasks[0]!r} has dim {means.shape[-1]}, router has {self.means.shape[-1]}")
+        self.means = means if self.means is None else torch.cat([self.means, means])
+        self.precisions = precisions if self.precisions is None else torch.cat([self.precisions, precisions])
+        self.tasks.extend(tasks)
         self._index = None
 
     def remove(self, task: str) -> None:

@@ -15,7 +15,14 @@ the base when the first product is learned), then the results and the report der
 then the index. Only after that are staged files moved to their names, the router file rewritten and
 files the index no longer names deleted, steps the next command redoes if a kill interrupted them.
 Readers trust the index alone: each product is read from the file holding the parts id the index names,
-anything else is ignored. So a process killed at any instant leaves the run as it was before the command,
+anything else is ignored.
+
+A command that learns many products (``moleflow learn --parallel ray``) commits each one as it finishes
+(its file, then the index) but writes the files derived from all of them, ``router.safetensors``,
+``results.json`` and ``report.md``, once at its end: rewriting them per product costs O(products) each
+time. Until then they lag the index, which readers allow for: router rows are matched by (product, parts
+id), so a product the router file lacks takes its prototype from its own file, and results gain empty rows
+for products they lack. So a process killed at any instant leaves the run as it was before the command,
 or with the command's products whole and finished. Commands that write take an exclusive lock (``.lock``)
 and remove the temporaries a killed writer left behind.
 """
@@ -26,7 +33,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +82,9 @@ class TaskRecord:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        # shallow: asdict would deep-copy the calibration's stored values only for them to be replaced, and
+        # the index is rewritten at every commit (its cost grows with the products)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["calibration"] = self.calibration.to_json()
         return out
 
@@ -253,11 +262,18 @@ class RunDirectory:
             files.append(TaskFile(record.name, staged if staged.is_file() else final, record.parts_id))
         return files
 
-    def load_model(self, cfg, index: RunIndex):
-        """``(MoLEFlow, Router)`` of the products in ``index``, every file checked against its base and parts ids."""
+    def load_model(self, cfg, index: RunIndex, parts: bool = True):
+        """``(MoLEFlow, Router)`` of the products in ``index``, every file checked against its base and parts ids
+        (``parts=False``: the base and the prototypes only; see :meth:`load_parts`)."""
         from moleflow.checkpoint import load_model
 
-        return load_model(cfg, self.checkpoints, self.task_files(index), base_id=index.base_id)
+        return load_model(cfg, self.checkpoints, self.task_files(index), base_id=index.base_id, parts=parts)
+
+    def load_parts(self, cfg, record: TaskRecord, base_id: str):
+        """The parts of the committed product ``record`` (task-neutral keys), its file checked."""
+        from moleflow.checkpoint import load_parts
+
+        return load_parts(cfg, self.task_files(RunIndex(base_id, [record]))[0], base_id)
 
     def write_base(self, model, cfg, base_id: str) -> None:
         from moleflow.checkpoint import save_base
@@ -271,23 +287,26 @@ class RunDirectory:
         path = task_file(self.checkpoints, record.name, record.parts_id)
         save_task(model, router, cfg, record.name, path, base_id, record.parts_id)
 
-    def commit(self, index: RunIndex, router, cfg, before_index: Callable[[], None] | None = None) -> None:
+    def commit(
+        self, index: RunIndex, router, cfg, before_index: Callable[[], None] | None = None, write_router: bool = True
+    ) -> None:
         """``before_index()`` (results and report), the index (the commit point), then :meth:`finalize`."""
         if before_index is not None:
             before_index()
         self.write_index(index)
-        self.finalize(index, router, cfg)
+        self.finalize(index, router, cfg, write_router)
 
-    def finalize(self, index: RunIndex, router, cfg) -> None:
-        """After a commit: staged product files move to their names, the router file is rewritten, and
-        product files the index does not name are deleted. Every step can be redone after a kill."""
+    def finalize(self, index: RunIndex, router, cfg, write_router: bool = True) -> None:
+        """After a commit: staged product files move to their names, the router file is rewritten (unless
+        ``write_router=False``: a many-product command writes it once, at its end), and product files the
+        index does not name are deleted. Every step can be redone after a kill."""
         from moleflow.checkpoint import TASKS_DIR, save_router, task_file
 
         for record in index.tasks:
             staged = task_file(self.checkpoints, record.name, record.parts_id)
             if staged.is_file():
                 os.replace(staged, task_file(self.checkpoints, record.name))
-        if index.base_id is not None:
+        if index.base_id is not None and write_router:
             save_router(router, cfg, self.checkpoints, index.base_id, [t.parts_id for t in index.tasks])
         keep = {task_file(self.checkpoints, name).name for name in index.names}
         folder = self.checkpoints / TASKS_DIR

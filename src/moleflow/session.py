@@ -9,6 +9,7 @@ evaluates all of them after each one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -39,6 +40,7 @@ class RunSession:
     def __init__(self, detector: Detector) -> None:
         if detector.run is None:
             raise ValueError("a session needs a detector bound to a run directory")
+        detector.load_all()  # results count every product's parameters; a lazy detector reads them all
         self.detector = detector
         self.book = ResultsBook.from_json(detector.run.read_results(), detector.products)
         self.eval_sets: dict[str, EvalSet] = {}
@@ -99,29 +101,102 @@ class RunSession:
         self.detector.commit(before_index=self._derived_files())
         return record
 
-    def evaluate(self, names: Iterable[str] | None = None) -> dict[str, ProductEvaluation]:
-        """Evaluate ``names`` (default: every product) into the last row of the results."""
+    def learn_many(
+        self,
+        products: Sequence[tuple[str, Any]],
+        *,
+        evaluate: str = "all",
+        parallel: Any = None,
+        replace: bool = False,
+        data_root: str | os.PathLike[str] | None = None,
+        limits: tuple[int, int] | None = None,
+    ) -> Any:
+        """Learn ``products`` (``(name, source)`` pairs; with ``parallel=RayOptions(...)`` one Ray task each),
+        each committed with its results as it finishes; then evaluate ``all`` / ``new`` / ``none`` once
+        (in parallel too). Each product's files and the index are committed as it finishes, the files
+        derived from all products (results, report, router file) once at the end (:mod:`moleflow.rundir`).
+        Returns the :class:`moleflow.parallel.LearnReport`."""
+        if evaluate not in EVAL_CHOICES:
+            raise ValueError(f"evaluate must be one of {EVAL_CHOICES}, got {evaluate!r}")
+        data_root = data_root if data_root is not None else self.detector.data_root
+        tasks: dict[str, TaskData] = {}
+
+        def committed(record: TaskRecord) -> None:  # results, report and router file: once, at the end
+            self.book.learned(record.name)
+            self.eval_sets.pop(record.name, None)
+            self.evaluations.pop(record.name, None)
+            self._unreachable.discard(record.name)
+            self.detector.commit(write_router=False)
+
+        resolved = []
+        for name, source in products:
+            if name in self.detector.records and not replace:
+                resolved.append((name, source))  # skipped by the detector, with a message
+                continue
+            r = self.detector.resolve(name, source, data_root=data_root, limits=limits)
+            tasks[name] = r.task
+            resolved.append((name, r))
+        with connected(parallel):  # one cluster for learning and evaluating: its workers stay warm
+            report = self.detector.learn_many(resolved, parallel=parallel, replace=replace, on_learned=committed)
+            if evaluate != "none" and report.learned:
+                names = report.learned if evaluate == "new" else self.detector.products
+                self.evaluate(names, parallel=parallel, tasks=tasks)
+        if report.learned:
+            self.detector.commit(before_index=self._derived_files())
+        return report
+
+    def evaluate(
+        self, names: Iterable[str] | None = None, *, parallel: Any = None, tasks: dict[str, TaskData] | None = None
+    ) -> dict[str, ProductEvaluation]:
+        """Evaluate ``names`` (default: every product) into the last row of the results. ``parallel``
+        (``RayOptions``): the test sets not extracted yet are extracted and scored as Ray tasks.
+        ``tasks``: test data to use instead of rebuilding it from the records."""
         names = list(self.detector.products if names is None else names)
-        done = {}
+        done: dict[str, ProductEvaluation] = {}
+        if parallel is not None:
+            self._evaluate_on_ray(names, parallel, tasks or {}, done)
         for name in names:
-            es = self.eval_set(name)
+            es = None if name in done else self.eval_set(name)
             if es is None:
                 continue
             start = time.perf_counter()
-            ev = evaluate_product(self.detector, es)
-            self.book.record(ev, self.detector.router.tasks)
-            self.evaluations[name] = done[name] = ev
-            log.info(
-                "%s: routed %s | oracle %s | %s (%.1fs)",
-                name,
-                _fmt(ev.routed),
-                _fmt(ev.oracle),
-                _fmt_summary(ev.summary),
-                time.perf_counter() - start,
-            )
+            self._record(name, evaluate_product(self.detector, es), time.perf_counter() - start, done)
         if done:
             self._time_inference(done)
         return done
+
+    def _record(self, name: str, ev: ProductEvaluation, seconds: float, done: dict[str, ProductEvaluation]) -> None:
+        self.book.record(ev, self.detector.router.tasks)
+        self.evaluations[name] = done[name] = ev
+        log.info(
+            "%s: routed %s | oracle %s | %s (%.1fs)",
+            name,
+            _fmt(ev.routed),
+            _fmt(ev.oracle),
+            _fmt_summary(ev.summary),
+            seconds,
+        )
+
+    def _evaluate_on_ray(self, names: list[str], options: Any, given: dict[str, TaskData], done) -> None:
+        from moleflow.parallel import evaluate_many
+
+        todo = {}
+        for name in names:
+            if name in self.eval_sets:
+                continue  # extracted already: scoring it here is cheaper than shipping it
+            task = given.get(name) or self._task(name)
+            if task is not None and task.test:
+                todo[name] = task
+
+        def take(name: str, value) -> None:
+            es, ev = value
+            self.eval_sets[name] = es
+            self._record(name, ev, es.seconds, done)
+
+        if todo:
+            failures = evaluate_many(self.detector, todo, options, take)
+            for name, why in failures.items():
+                log.warning("product %r is not evaluated: %s", name, why)
 
     # ------------------------------------------------------------------ test sets
 
@@ -132,19 +207,22 @@ class RunSession:
         return self.eval_sets.get(name)
 
     def _add_eval_set(self, task: TaskData | None, name: str) -> None:
-        if task is None:
-            record = self.detector.records[name]
-            try:
-                task = resolve_source(
-                    name, None, self.detector.data_root, record.limits, self.run_dir, record.spec, record.location
-                ).task
-            except (DatasetError, FileNotFoundError) as e:
-                log.warning("product %r is not evaluated: its test images cannot be found (%s)", name, e)
-                self._unreachable.add(name)
-                return
-        if not task.test:
+        task = task if task is not None else self._task(name)
+        if task is None or not task.test:
             return
         self.eval_sets[name] = prepare_eval_set(self.detector, task)
+
+    def _task(self, name: str) -> TaskData | None:
+        """Product ``name``'s data rebuilt from its record; ``None`` (with a warning) if it cannot be found."""
+        record = self.detector.records[name]
+        try:
+            return resolve_source(
+                name, None, self.detector.data_root, record.limits, self.run_dir, record.spec, record.location
+            ).task
+        except (DatasetError, FileNotFoundError) as e:
+            log.warning("product %r is not evaluated: its test images cannot be found (%s)", name, e)
+            self._unreachable.add(name)
+            return None
 
     def _time_inference(self, done: dict[str, ProductEvaluation]) -> None:
         """ms per image of extraction + routing + scoring, from the evaluated test sets."""
@@ -209,6 +287,15 @@ class RunSession:
                 threshold=self.detector.records[name].calibration.image_threshold,
             )
         return out
+
+
+def connected(parallel: Any) -> contextlib.AbstractContextManager[Any]:
+    """The Ray cluster of ``parallel`` (RayOptions) held open, or nothing to do."""
+    if parallel is None:
+        return contextlib.nullcontext()
+    from moleflow.parallel.ray_backend import cluster
+
+    return cluster(parallel)
 
 
 def _maps(detector: Detector, ev: ProductEvaluation, picks: Sequence[int]) -> np.ndarray:

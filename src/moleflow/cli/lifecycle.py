@@ -33,6 +33,7 @@ def add_parsers(sub, common, workers_option) -> None:
     learn.add_argument("--limits", metavar="TRAIN,TEST", help="at most TRAIN training and TEST test images per product")
     learn.add_argument("--feature-cache", type=Path, help="directory that keeps extracted backbone features between runs")
     learn.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the config's)")
+    add_parallel_options(learn)
     workers_option(learn)
     common(learn, with_set=True)
     learn.set_defaults(func=cmd_learn, logs_to_run=True)
@@ -66,6 +67,46 @@ def add_parsers(sub, common, workers_option) -> None:
     cal.add_argument("--no-eval", action="store_true", help="do not re-evaluate the product's test set")
     common(cal)
     cal.set_defaults(func=cmd_calibrate, logs_to_run=True)
+
+
+def add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    """``--parallel ray`` and how its tasks are sized (``moleflow learn`` and ``moleflow eval``)."""
+    group = parser.add_argument_group("parallel (pip install 'moleflow[ray]')")
+    group.add_argument(
+        "--parallel",
+        choices=("ray",),
+        help="one Ray task per product (after the first product of a new run, which trains the shared base here); "
+        "each is committed as it finishes, so a rerun of the same command learns only the missing ones",
+    )
+    group.add_argument("--address", help="an existing Ray cluster (auto, HOST:6379, ray://HOST:10001); default: a local one")
+    group.add_argument(
+        "--cpus-per-task",
+        type=int,
+        metavar="N",
+        help="CPUs (and torch threads) per task; default: this process's torch thread count, so that every product "
+        "equals the product learned without --parallel",
+    )
+    group.add_argument(
+        "--gpus-per-task",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="GPUs per task (fractions share one); tasks run on the CPU when 0 (default), whatever --device says",
+    )
+
+
+def parallel_options(args: argparse.Namespace):
+    """The ``RayOptions`` of ``--parallel ray`` (checking that Ray is installed), or None."""
+    for flag in ("address", "cpus_per_task"):
+        if getattr(args, flag) is not None and args.parallel is None:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --parallel ray only")
+    if args.parallel is None:
+        return None
+    from moleflow.extras import require_extra
+    from moleflow.parallel import RayOptions
+
+    require_extra("ray", "--parallel ray")
+    return RayOptions(address=args.address, cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task)
 
 
 def _parse_products(items: list[str]) -> list[tuple[str, str]]:
@@ -115,24 +156,45 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     products = _parse_products(args.products)
     limits = parse_limits(args.limits)
-    if args.calib and len(products) > 1:
-        raise ValueError("--calib DIR holds one product's normal images: learn that product on its own")
+    parallel = parallel_options(args)
+    if args.calib and (len(products) > 1 or parallel is not None):
+        raise ValueError("--calib DIR holds one product's normal images: learn that product on its own, without --parallel")
     run_dir = Path(args.run_dir)
     options = {"progress": not args.no_progress, "num_workers": args.workers, "feature_cache": args.feature_cache}
     if args.device:
         options["device"] = args.device
     with training_loggers(args.logger, run_dir) as loggers:
         detector, new_config = open_existing(run_dir, args.config, args.set, loggers=loggers, **options)
-        resolved = resolve_products(detector, products, args.data, limits, args.replace, run_dir)
+        # --parallel: a rerun learns only the products the run lacks (the others are reported as skipped)
+        resume = parallel is not None and detector is not None and not args.replace
+        skipped = [(name, source) for name, source in products if resume and name in detector]
+        todo = [p for p in products if p not in skipped]
+        resolved = resolve_products(detector, todo, args.data, limits, args.replace, run_dir)
         validate_tasks([r.task for r in resolved], calibration_samples(args.calib) if args.calib else ())
         if detector is None:
             log.info("new run %s (preset %s)", run_dir, new_config.preset)
             detector = Detector.create(new_config, run_dir, loggers=loggers, **options)
         session = RunSession(detector)
+        if parallel is not None:
+            return _learn_parallel(args, session, skipped + [(r.task.name, r) for r in resolved], parallel)
         for r in resolved:
             session.learn(r, r.task.name, evaluate=args.eval, replace=args.replace, calib=args.calib, check=False)
     print(format_tasks(session.detector.tasks(), session.results()))
     print(f"\nrun directory: {run_dir}  report: {run_dir / 'report.md'}")
+    return 0
+
+
+def _learn_parallel(args: argparse.Namespace, session, products, parallel) -> int:
+    from moleflow.parallel import ParallelError
+
+    report = session.learn_many(products, evaluate=args.eval, parallel=parallel, replace=args.replace, data_root=args.data)
+    print(format_tasks(session.detector.tasks(), session.last_results or session.results()))
+    print(
+        f"\nlearned {len(report.learned)}, skipped {len(report.skipped)} (already in the run), failed {len(report.failed)}"
+        f" in {report.seconds:.1f}s; run directory: {args.run_dir}"
+    )
+    if report.failed:
+        raise ParallelError(report.failure_line())
     return 0
 
 

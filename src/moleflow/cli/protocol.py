@@ -36,6 +36,9 @@ def add_parsers(sub, common, workers_option) -> None:
     e = sub.add_parser("eval", help="re-evaluate all learned products of a run on their test sets, rewrite results.json")
     e.add_argument("run_dir")
     e.add_argument("--data", help="root directory the products' data moved to")
+    from moleflow.cli.lifecycle import add_parallel_options
+
+    add_parallel_options(e)
     common(e)
     e.set_defaults(func=cmd_eval, logs_to_run=True)
 
@@ -96,13 +99,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from moleflow.cli.lifecycle import parallel_options
     from moleflow.experiment import ContinualExperiment
     from moleflow.report import format_summary_table
+    from moleflow.session import connected
 
+    parallel = parallel_options(args)
     exp = ContinualExperiment.open(args.run_dir, progress=not args.no_progress)
     if args.data:
         exp.detector.data_root = str(Path(args.data).resolve())
-    done = exp.session.evaluate()
+    with connected(parallel):
+        done = exp.session.evaluate(parallel=parallel)
     missing = [n for n in exp.detector.products if n not in done]
     results = exp.session.write()
     print(format_summary_table(results))

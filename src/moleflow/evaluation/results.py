@@ -47,7 +47,8 @@ class ResultsBook:
     @classmethod
     def from_json(cls, results: Mapping[str, Any] | None, products: Sequence[str]) -> ResultsBook:
         """The stored results reconciled with the run's ``products``: entries of products the run no longer
-        holds are dropped; a stored file that disagrees in any other way starts a fresh book."""
+        holds are dropped, products learned after the file was written (a many-product command killed before
+        its end, see :mod:`moleflow.rundir`) get empty rows; a file that disagrees otherwise starts afresh."""
         if not results or not isinstance(results.get("tasks"), list):
             return cls(products)
         book = cls(results["tasks"])
@@ -68,6 +69,8 @@ class ResultsBook:
         book.inference_ms_per_image = (results.get("timing") or {}).get("inference_ms_per_image")
         for name in [t for t in book.tasks if t not in products]:
             book.drop(name)
+        for name in [t for t in products if t not in book.tasks]:
+            book.learned(name)
         if book.tasks != list(products):
             return cls(products)
         return book

@@ -219,7 +219,7 @@ class _ImageDataset(Dataset[torch.Tensor]):
             # a huge image is reduced while it is decoded (JPEG draft) instead of being held at full size
             return image_to_tensor(sample.load_image(max_side=LOAD_SIDE_FACTOR * self.size), self.size)
         except Exception as e:  # name the file whatever went wrong, keep the cause chained
-            where = getattr(sample, "path", None) or repr(sample)
+            where = getattr(sample, "image_path", None) or getattr(sample, "path", None) or repr(sample)
             raise ImageLoadError(f"could not load image {where}: {type(e).__name__}: {e}") from e
 
 

@@ -12,6 +12,7 @@ by task name. This module is pure: it knows nothing of optimisers, epochs or dat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +65,15 @@ class MoLEFlow(nn.Module):
         self.dia = nn.ModuleDict()
         self.tasks: list[str] = []
         self._pe_cache: dict[tuple, torch.Tensor] = {}
+        # the base modules holding per-task containers, found once: walking every module at each add or
+        # load would cost O(tasks) per task (O(tasks^2) to load a run of many products)
+        self._loras = [m for m in self.modules() if isinstance(m, LoRALinear)]
+        self._containers = list(_task_containers(self))
 
     # ------------------------------------------------------------------ tasks
 
     def _lora_layers(self) -> list[LoRALinear]:
-        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+        return self._loras
 
     def add_task(self, task: str) -> None:
         """Create ``task``'s parts. A new task computes exactly the base flow (B = 0, DIA = identity)."""
@@ -212,8 +217,22 @@ class MoLEFlow(nn.Module):
 
     def task_state_dict(self, task: str) -> dict[str, torch.Tensor]:
         """``task``'s tensors with the task name replaced by ``{task}`` (task-neutral keys)."""
+        return {k: v.detach() for k, v in self._task_tensors(task).items()}
+
+    def _task_tensors(self, task: str) -> dict[str, torch.Tensor]:
+        """``task``'s own parameters and buffers (not detached), task-neutral keys, in ``state_dict`` order;
+        visits only the task's entries of each container, so its cost does not grow with the other tasks."""
         self._require(task)
-        return {_neutral(k): v for k, v in self.state_dict().items() if _task_of(k) == task}
+        out: dict[str, torch.Tensor] = {}
+        for name, container in self._containers:
+            if task not in container:
+                continue
+            entry, key = container[task], f"{name}.{TASK_PLACEHOLDER}"
+            if isinstance(entry, nn.Module):
+                out.update(entry.state_dict(prefix=f"{key}.", keep_vars=True))
+            else:
+                out[key] = entry
+        return out
 
     def load_task_state_dict(self, task: str, state: dict[str, torch.Tensor]) -> None:
         """Create ``task`` if needed and load its tensors; keys and shapes must match exactly.
@@ -224,7 +243,7 @@ class MoLEFlow(nn.Module):
         if created:
             self.add_task(task)
         try:
-            expected = self.task_state_dict(task)
+            expected = self._task_tensors(task)
             missing, unexpected = set(expected) - set(state), set(state) - set(expected)
             if missing or unexpected:
                 raise ValueError(
@@ -241,10 +260,18 @@ class MoLEFlow(nn.Module):
             if created:
                 self.remove_task(task)
             raise
-        own = dict(self.named_parameters())
         with torch.no_grad():
             for key, value in state.items():
-                own[key.replace(TASK_PLACEHOLDER, task)].copy_(value)
+                expected[key].copy_(value)
+
+
+def _task_containers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``(dotted name, container)`` of every per-task container under ``module``, in ``state_dict`` order."""
+    for name, child in module.named_children():
+        if name in TASK_CONTAINERS:
+            yield prefix + name, child
+        else:
+            yield from _task_containers(child, f"{prefix}{name}.")
 
 
 def _task_of(name: str) -> str | None:
