@@ -60,9 +60,9 @@ def test_new_task_trains_exactly_its_own_parameters():
     seen: set[str] = set()
     original = trainer.objective
 
-    def spy(batch, task):
+    def spy(batch, task, **kwargs):
         seen.update(n for n, p in model.named_parameters() if p.requires_grad)
-        return original(batch, task)
+        return original(batch, task, **kwargs)
 
     trainer.objective = spy
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}

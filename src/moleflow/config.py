@@ -43,6 +43,10 @@ class BackboneConfig:
     layers: tuple[Any, ...] = ("blocks.2", "blocks.4")
     embed_dim: int = 168  # D after aggregation; for CNNs the concatenated stage widths unless pooled
     pretrained: bool = True
+    # CNN patch grid: that of the coarsest selected layer (finer layers average-pooled down to it) or of the
+    # finest (coarser layers upsampled bilinearly to it, as PatchCore does); ViT: all layers share one grid
+    grid: Literal["coarsest", "finest"] = "coarsest"
+    local_aggregation: int = 3  # CNN: k x k local average of every layer map before the grid (PatchCore); 1 = off
 
 
 @dataclass
@@ -135,6 +139,19 @@ class LossConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop a task's training when the mean patch NLL of held-out normals stops improving.
+
+    Needs held-out features (``ContinualTrainer.learn_task(..., validation=...)``; the lifecycle's
+    calibration share of the training normals); the task keeps the parameters of its best epoch.
+    """
+
+    patience: int = 3  # epochs without an improvement of more than min_delta before stopping
+    min_delta: float = 0.0  # nats per patch
+    min_epochs: int = 1  # never stop before this many epochs
+
+
+@dataclass
 class TrainConfig:
     optimizer: Literal["adamp", "adamw"] = "adamp"
     lr: float = 2e-4
@@ -154,14 +171,26 @@ class TrainConfig:
     )
     # frozen_after_first: MoLE-Flow.  always_trainable: the unfrozen-base baseline (forgets).
     base_policy: Literal["frozen_after_first", "always_trainable"] = "frozen_after_first"
+    # share of each image's patches the flow is trained on per step (a fresh random subset every step,
+    # after the positional encoding, whitening and spatial mixer have seen the whole grid); 1 = all
+    patch_fraction: float = 1.0
+    early_stopping: EarlyStoppingConfig | None = None
 
 
 @dataclass
 class RouterConfig:
+    """Task prototypes and the routing decision (see ``moleflow.routing``).
+
+    ``feature``: ``patch_mean`` (mean of the position-encoded patches, one vector per image), ``backbone_pooled``
+    (the backbone's final-layer image feature), or ``patch_gaussian``: each task keeps a Gaussian of its single
+    patch features (thousands of samples per task) and an image goes to the task under which its patches have
+    the lowest mean negative log-likelihood (``metric`` must then be ``mahalanobis``).
+    """
+
     metric: Literal["mahalanobis", "euclidean"] = "mahalanobis"
     covariance_reg: float = 1e-5
     shrinkage: Literal["none", "oas"] = "none"  # oas: well-conditioned when images < feature dims
-    feature: Literal["patch_mean", "backbone_pooled"] = "patch_mean"
+    feature: Literal["patch_mean", "backbone_pooled", "patch_gaussian"] = "patch_mean"
 
 
 @dataclass
@@ -187,12 +216,24 @@ class MoleFlowConfig:
         d = self.model.backbone.embed_dim
         if d % 4:
             raise ConfigError(f"model.backbone.embed_dim must be divisible by 4 (2D positional encoding), got {d}")
+        k = self.model.backbone.local_aggregation
+        if k < 1 or k % 2 == 0:
+            raise ConfigError(f"model.backbone.local_aggregation must be an odd kernel size >= 1 (1 = off), got {k}")
         if self.model.flow.lora.rank < 1:
             raise ConfigError("model.flow.lora.rank must be >= 1")
         if not 0.0 <= self.loss.tail_weight <= 1.0:
             raise ConfigError(f"loss.tail_weight must lie in [0, 1], got {self.loss.tail_weight}")
         if not 0.0 < self.loss.tail_top_k <= 1.0:
             raise ConfigError(f"loss.tail_top_k is a fraction in (0, 1], got {self.loss.tail_top_k}")
+        if not 0.0 < self.train.patch_fraction <= 1.0:
+            raise ConfigError(f"train.patch_fraction is a fraction in (0, 1], got {self.train.patch_fraction}")
+        es = self.train.early_stopping
+        if es is not None and (es.patience < 1 or es.min_epochs < 1):
+            raise ConfigError("train.early_stopping.patience and min_epochs must be >= 1")
+        if self.router.feature == "patch_gaussian" and self.router.metric != "mahalanobis":
+            raise ConfigError(
+                "router.feature=patch_gaussian routes by the patches' Gaussian NLL: set router.metric=mahalanobis"
+            )
         if self.scoring.top_k < 1:
             raise ConfigError("scoring.top_k must be >= 1")
         lo, hi = self.model.whitening.gamma_range if self.model.whitening else (0.5, 2.0)

@@ -7,6 +7,16 @@ An image goes to the task with the smallest (squared) Mahalanobis or Euclidean d
 of a batch is routed on its own. Mahalanobis queries go through :class:`MahalanobisIndex` (exact
 argmin with a cheap lower bound, fast at many tasks); :meth:`Router.distances` is the direct float64
 evaluation, kept as the reference.
+
+``feature = "patch_gaussian"``: the prototype is the Gaussian ``N(mu_t, Sigma_t)`` of the task's single
+patches (N * H * W samples, so the covariance is well determined even for a task of 20 images), and an
+image with patches ``x_1..x_n`` goes to the task of lowest mean patch NLL (constant dropped)::
+
+    nll_t = 0.5 * (mean_p (x_p - mu_t)^T P_t (x_p - mu_t) - log|P_t|)
+          = 0.5 * (tr(P_t S) + (xbar - mu_t)^T P_t (xbar - mu_t) - log|P_t|)
+
+with ``xbar``, ``S`` the image's own patch mean and (biased) covariance: ``T * G^2`` numbers per image
+whatever the grid, as for the image-level router evaluated directly (no index).
 """
 
 from __future__ import annotations
@@ -88,6 +98,7 @@ class Router:
     precisions: torch.Tensor | None = None  # (T, G, G) float64
     _index: MahalanobisIndex | None = field(default=None, init=False, repr=False)  # rebuilt on change
     _factors: dict[str, TaskFactors] = field(default_factory=dict, init=False, repr=False)  # per task, once
+    _log_dets: torch.Tensor | None = field(default=None, init=False, repr=False)  # patch_gaussian, rebuilt on change
 
     def add(self, task: str, mean: torch.Tensor, precision: torch.Tensor) -> None:
         if task in self.tasks:
@@ -98,19 +109,39 @@ class Router:
         self.means = mean if self.means is None else torch.cat([self.means, mean])
         self.precisions = precision if self.precisions is None else torch.cat([self.precisions, precision])
         self.tasks.append(task)
-        self._index = None
+        self._index = self._log_dets = None
 
     def remove(self, task: str) -> None:
         i = self.tasks.index(task)
         keep = [j for j in range(len(self.tasks)) if j != i]
         self.means, self.precisions = self.means[keep], self.precisions[keep]
         self._factors.pop(self.tasks.pop(i), None)
-        self._index = None
+        self._index = self._log_dets = None
+
+    def log_dets(self) -> torch.Tensor:
+        """``log|P_t|`` per task ``(T,)`` float64, computed once per set of tasks."""
+        if self._log_dets is None:
+            self._log_dets = torch.linalg.slogdet(self.precisions)[1]
+        return self._log_dets
+
+    def patch_nll(self, patches: torch.Tensor) -> torch.Tensor:
+        """Mean patch Gaussian NLL ``(B, T)`` (without ``G/2 log 2 pi``) of ``patches (B, n, G)``."""
+        x = patches.detach().to(torch.float64)
+        xbar = x.mean(dim=1)  # (B, G)
+        centred = x - xbar[:, None]
+        scatter = centred.transpose(1, 2) @ centred / x.shape[1]  # (B, G, G) biased patch covariance
+        trace = scatter.flatten(1) @ self.precisions.flatten(1).T  # tr(P_t S_b), P symmetric
+        diff = xbar[:, None, :] - self.means[None]  # (B, T, G)
+        maha = torch.einsum("btg,tgh,bth->bt", diff, self.precisions, diff)
+        return 0.5 * (trace + maha - self.log_dets()[None])
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
-        """Squared distances ``(B, T)`` of ``features (B, G)`` to every prototype."""
+        """Squared distances ``(B, T)`` of ``features (B, G)`` to every prototype (``patch_gaussian``: the mean
+        patch NLL of ``features (B, n, G)`` under every task)."""
         if not self.tasks:
             raise RuntimeError("the router has no tasks yet")
+        if self.cfg.feature == "patch_gaussian":
+            return self.patch_nll(features)
         x = features.detach().to(torch.float64)
         diff = x[:, None, :] - self.means[None]  # (B, T, G)
         if self.cfg.metric == "euclidean":
@@ -134,6 +165,10 @@ class Router:
 
     def route(self, features: torch.Tensor) -> torch.Tensor:
         """Index into ``self.tasks`` of the nearest prototype per image, ``(B,)`` long."""
+        if self.cfg.feature == "patch_gaussian":
+            if not torch.isfinite(features).all():
+                raise ValueError("routing features contain NaN or inf; check the backbone input images")
+            return self.distances(features).argmin(dim=1).to(features.device)
         if self.cfg.metric == "mahalanobis":
             if not torch.isfinite(features).all():
                 raise ValueError("routing features contain NaN or inf; check the backbone input images")

@@ -4,6 +4,11 @@ The first task trains the shared base together with its own parts; every later t
 own parts (LoRA A/B and biases, whitening, DIA, a per-task mixer gate), so by construction
 d(loss_t)/d(base) is never applied and earlier tasks cannot change. ``train.base_policy =
 "always_trainable"`` is the unfrozen baseline of the ablations (it forgets).
+
+Two levers trade training time against fit (``train`` section): ``patch_fraction`` trains the flow on a
+fresh random share of each image's patches per step (the flow scores patches independently, so this is
+an unbiased estimate of the full loss's mean term at a fraction of the cost), and ``early_stopping``
+ends a task when the NLL of held-out normals stops improving, keeping the best epoch's parameters.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from tqdm.auto import tqdm
 
 from moleflow.config import MoleFlowConfig, TrainConfig
 from moleflow.features.cache import CachedFeatures
-from moleflow.flow.model import MoLEFlow
+from moleflow.flow.model import FlowOutput, MoLEFlow
 from moleflow.losses import logdet_penalty, patch_nll, tail_aware_loss
 from moleflow.routing import PrototypeAccumulator, Router
 
@@ -35,6 +40,8 @@ class TaskTrainingReport:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     trainable_parameters: int = 0
+    validation_nll: list[float] = field(default_factory=list)  # per epoch, when held-out features were given
+    best_epoch: int | None = None  # early stopping: the epoch (0-based) whose parameters were kept
 
 
 def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -67,17 +74,47 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
 
 
 def routing_features(model: MoLEFlow, batch: CachedFeatures, feature: str) -> torch.Tensor:
-    """Image-level routing features ``(B, G)``.
+    """Routing features: ``(B, G)`` per image, or ``(B, H * W, G)`` patches for ``patch_gaussian``.
 
     ``patch_mean``: mean over the grid of ``F0 + PE`` (v5); ``backbone_pooled``: the backbone's
-    final-layer image feature (outline). Neither depends on learned parameters.
+    final-layer image feature (outline); ``patch_gaussian``: the patches ``F0`` themselves (the router
+    summarises them; a prototype accumulates every patch). None depends on learned parameters.
     """
     if feature == "backbone_pooled":
         return batch.pooled
+    if feature == "patch_gaussian":
+        return batch.patches.flatten(1, 2)
     patches = batch.patches
     if model.cfg.positional_encoding:
         patches = patches + model.positional(patches.shape[1], patches.shape[2], patches)
     return patches.mean(dim=(1, 2))
+
+
+def sample_patches(x: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x (B, H, W, D)`` -> ``(B, 1, K, D)``: ``K = ceil(fraction * H * W)`` distinct patches per image,
+    drawn uniformly and independently for every image (``fraction >= 1``: ``x`` unchanged)."""
+    b, h, w, d = x.shape
+    if fraction >= 1.0:
+        return x
+    k = max(1, math.ceil(fraction * h * w))
+    order = torch.rand(b, h * w, generator=generator).argsort(dim=1)[:, :k].to(x.device)
+    return x.reshape(b, h * w, d).gather(1, order[..., None].expand(b, k, d)).reshape(b, 1, k, d)
+
+
+def flow_on_patch_subset(
+    model: MoLEFlow, batch: CachedFeatures, task: str, fraction: float, generator: torch.Generator | None = None
+) -> FlowOutput:
+    """``model(batch.patches, task, batch.context)`` on a random share of the patches: the grid-wide steps
+    (positional encoding, scale context, whitening, spatial mixer) see the whole grid, the flow and the DIA,
+    which act on each patch alone, only the sampled ``(B, 1, K, D)``."""
+    if fraction >= 1.0:
+        return model(batch.patches, task, batch.context)
+    f3 = sample_patches(model.adapt(model.prepare(batch.patches, batch.context), task), fraction, generator)
+    z0, logdet = model.flow(f3, task)
+    if model.cfg.dia is None:
+        return FlowOutput(z0, logdet, z0)
+    z, dia_logdet = model.dia[task](z0)
+    return FlowOutput(z, logdet + dia_logdet, z0)
 
 
 class ContinualTrainer:
@@ -85,10 +122,13 @@ class ContinualTrainer:
         self.model, self.router, self.cfg = model, router, cfg
         self.device = torch.device(device)
 
-    def objective(self, batch: CachedFeatures, task: str) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one batch of ``task``: tail-aware NLL + lambda_logdet * logdet^2 + whitening reg."""
+    def objective(
+        self, batch: CachedFeatures, task: str, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one batch of ``task``: tail-aware NLL + lambda_logdet * logdet^2 + whitening reg,
+        on the share ``train.patch_fraction`` of each image's patches (drawn from ``generator``)."""
         lcfg, model = self.cfg.loss, self.model
-        out = model(batch.patches, task, batch.context)
+        out = flow_on_patch_subset(model, batch, task, self.cfg.train.patch_fraction, generator)
         nll = patch_nll(out.z, out.logdet)
         loss = tail_aware_loss(nll, lcfg.tail_weight, lcfg.tail_top_k, lcfg.tail_scope)
         parts = {"nll": float(nll.detach().mean())}
@@ -99,8 +139,14 @@ class ContinualTrainer:
             loss = loss + wcfg.identity_reg_weight * model.whitening[task].identity_penalty()
         return loss, parts
 
-    def learn_task(self, task: str, features: CachedFeatures, progress: bool = True) -> TaskTrainingReport:
-        """Add ``task`` to the model, train its parts on ``features``, and give it a router prototype."""
+    def learn_task(
+        self, task: str, features: CachedFeatures, progress: bool = True, validation: CachedFeatures | None = None
+    ) -> TaskTrainingReport:
+        """Add ``task`` to the model, train its parts on ``features``, and give it a router prototype.
+
+        ``validation``: held-out normals of ``task`` (never trained on). Their mean patch NLL is recorded
+        after every epoch and drives ``train.early_stopping`` when that is configured.
+        """
         tcfg = self.cfg.train
         start = time.perf_counter()
         torch.manual_seed(tcfg.seed + len(self.model.tasks))  # initialisation of the new task's parts
@@ -114,6 +160,9 @@ class ContinualTrainer:
         scheduler = build_scheduler(optimizer, tcfg)
         report.trainable_parameters = sum(p.numel() for p in trainable)
         generator = torch.Generator().manual_seed(tcfg.seed + 7919 * len(self.model.tasks))
+        stopper = _EarlyStopper(tcfg, trainable) if tcfg.early_stopping is not None and validation is not None else None
+        if tcfg.early_stopping is not None and validation is None:
+            log.warning("train.early_stopping is set but no held-out features were given: all %d epochs run", tcfg.epochs)
         log.info(
             "learning task %r (%d images, %d trainable parameters, base %s)",
             task,
@@ -121,37 +170,69 @@ class ContinualTrainer:
             report.trainable_parameters,
             "trained" if train_base else "frozen",
         )
-        self.model.train()
         bar = tqdm(range(tcfg.epochs), desc=f"train {task}", disable=not progress, leave=False)
         for epoch in bar:
-            total, count = 0.0, 0
-            for batch in features.batches(tcfg.batch_size, shuffle=True, generator=generator):
-                batch = batch.to(self.device)
-                loss, _ = self.objective(batch, task)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"task {task!r}, epoch {epoch}: loss is {loss.item()}; lower train.lr or check the features"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tcfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
-                optimizer.step()
-                total, count = total + loss.item() * len(batch), count + len(batch)
+            self.model.train()
+            report.epoch_losses.append(self._epoch(task, features, optimizer, trainable, generator, epoch))
             scheduler.step()
-            report.epoch_losses.append(total / max(1, count))
             bar.set_postfix(loss=f"{report.epoch_losses[-1]:.3f}")
+            if validation is not None:
+                report.validation_nll.append(self.validation_nll(task, validation))
+                if stopper is not None and stopper.stop(epoch, report.validation_nll[-1]):
+                    break
+        if stopper is not None:
+            report.best_epoch = stopper.restore()
         self.model.set_trainable(None, train_base=False)
         self.model.eval()
         self.add_prototype(task, features)
         report.seconds = time.perf_counter() - start
         log.info(
-            "task %r learned in %.1fs, final loss %.4f",
+            "task %r learned in %.1fs (%d epochs), final loss %.4f",
             task,
             report.seconds,
+            len(report.epoch_losses),
             report.epoch_losses[-1] if report.epoch_losses else math.nan,
         )
         return report
+
+    def _epoch(
+        self,
+        task: str,
+        features: CachedFeatures,
+        optimizer: torch.optim.Optimizer,
+        trainable: list[torch.nn.Parameter],
+        generator: torch.Generator,
+        epoch: int,
+    ) -> float:
+        """One pass over ``features`` in a random order; returns the image-weighted mean loss."""
+        tcfg = self.cfg.train
+        total, count = 0.0, 0
+        for batch in features.batches(tcfg.batch_size, shuffle=True, generator=generator):
+            batch = batch.to(self.device)
+            loss, _ = self.objective(batch, task, generator=generator)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"task {task!r}, epoch {epoch}: loss is {loss.item()}; lower train.lr or check the features"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
+            optimizer.step()
+            total, count = total + loss.item() * len(batch), count + len(batch)
+        return total / max(1, count)
+
+    @torch.no_grad()
+    def validation_nll(self, task: str, features: CachedFeatures, batch_size: int = 64) -> float:
+        """Mean patch NLL (nats) of ``features`` under ``task``, every patch, eval mode."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in features.batches(batch_size):
+            batch = batch.to(self.device)
+            out = self.model(batch.patches, task, batch.context)
+            nll = patch_nll(out.z, out.logdet)
+            total, count = total + float(nll.sum()), count + nll.numel()
+        return total / max(1, count)
 
     @torch.no_grad()
     def add_prototype(self, task: str, features: CachedFeatures, batch_size: int = 64) -> None:
@@ -161,3 +242,27 @@ class ContinualTrainer:
             acc.update(routing_features(self.model, batch.to(self.device), self.router.cfg.feature).cpu())
         mean, precision = acc.finalize(self.router.cfg.covariance_reg, self.router.cfg.shrinkage)
         self.router.add(task, mean, precision)
+
+
+class _EarlyStopper:
+    """Keeps a copy of the trainable parameters at the best held-out NLL; says when to stop."""
+
+    def __init__(self, cfg: TrainConfig, params: list[torch.nn.Parameter]) -> None:
+        assert cfg.early_stopping is not None
+        self.cfg, self.params = cfg.early_stopping, params
+        self.best, self.best_epoch = math.inf, -1
+        self.saved: list[torch.Tensor] = []
+
+    def stop(self, epoch: int, value: float) -> bool:
+        """Record epoch ``epoch``'s held-out NLL; True when training should end now."""
+        if value < self.best - self.cfg.min_delta:
+            self.best, self.best_epoch = value, epoch
+            self.saved = [p.detach().clone() for p in self.params]
+        return epoch + 1 >= self.cfg.min_epochs and epoch - self.best_epoch >= self.cfg.patience
+
+    @torch.no_grad()
+    def restore(self) -> int | None:
+        """Put the best epoch's parameters back; returns that epoch (None if no epoch was recorded)."""
+        for param, value in zip(self.params, self.saved, strict=False):
+            param.copy_(value)
+        return self.best_epoch if self.saved else None

@@ -3,7 +3,8 @@
 ``extract_features`` streams a task's samples through a DataLoader (image decoding and resizing in
 the workers, the backbone in the main process) into :class:`CachedFeatures`, which slices, batches,
 and saves to / loads from safetensors. A saved cache carries a fingerprint of the backbone config
-(name, image size, layers, embed_dim, pretrained) and is refused under a different one.
+(name, image size, layers, embed_dim, pretrained, grid, local aggregation) and is refused under a
+different one.
 
 Memory: ``dtype=torch.float16`` halves the size of ``patches`` and ``context`` (e.g. 300 ViT images:
 180 MB -> 90 MB); ``pooled`` stays float32 because the router inverts its covariance.
@@ -60,6 +61,8 @@ def cache_fingerprint(config: BackboneConfig, **extra: Any) -> dict[str, Any]:
         "layers": list(config.layers),
         "embed_dim": config.embed_dim,
         "pretrained": config.pretrained,
+        "grid": config.grid,
+        "local_aggregation": config.local_aggregation,
         **extra,
     }
     return json.loads(json.dumps(fingerprint, sort_keys=True))
