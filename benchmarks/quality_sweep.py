@@ -21,6 +21,10 @@ layers and input size on the stride of the finest layer with 3x3 local averaging
 (``moleflow.baselines.patchcore.patchcore_backbone``): the same features as the MoLE-Flow run whenever
 that run uses ``model.backbone.grid=finest``.
 
+``--rescore RUN_DIR``: no training; the models of an earlier sweep run are loaded and evaluated again under
+its config plus ``--set`` overrides of the ``scoring`` and ``router`` sections (the router is rebuilt from
+the stored prototypes), e.g. to measure the smoothing sigma or top-k without retraining.
+
 Writes ``results.json`` (the continual run), ``patchcore.json``, ``summary.json`` and ``summary.md``.
 """
 
@@ -37,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moleflow.baselines.patchcore import PatchCoreScorer, patchcore_backbone
+from moleflow.baselines.patchcore import PATCHCORE_CORESET, PatchCoreScorer, patchcore_backbone
+from moleflow.checkpoint import load_all
 from moleflow.config import apply_overrides, load_config, to_dict
 from moleflow.data.base import TaskData
 from moleflow.data.spec import parse_limits, resolve_tasks
@@ -165,24 +170,31 @@ def patchcore_all(cfg, tasks: list[TaskData], cache: Path, coreset: float, seed:
 # ----------------------------------------------------------------------------- summary
 
 
-def summarise(results: dict, patchcore: dict | None, exp: HeldOutExperiment, args, cfg) -> dict:
+def training_rows(exp: HeldOutExperiment) -> dict[str, dict]:
     rows = {}
-    for j, name in enumerate(results["tasks"]):
-        report = exp.trainer.reports[name]
+    for name, report in exp.trainer.reports.items():
         n_fit = exp.fit_counts[name]
-        row = {
-            "routed": {m: results["metrics"][m]["final"][j] for m in METRICS},
-            "oracle": {m: results["metrics_oracle"][m]["final"][j] for m in METRICS},
-            "patchcore": None if patchcore is None else {m: patchcore["tasks"][name].get(m) for m in METRICS},
+        rows[name] = {
             "train_seconds": report.seconds,
             "epochs_run": len(report.epoch_losses),
             "best_epoch": report.best_epoch,
             "validation_nll": report.validation_nll,
             "fit_images": n_fit,
             "train_seconds_per_300": 300.0 * report.seconds / max(1, n_fit),
+        }
+    return rows
+
+
+def summarise(results: dict, patchcore: dict | None, training: dict[str, dict], args, cfg) -> dict:
+    rows = {}
+    for j, name in enumerate(results["tasks"]):
+        rows[name] = {
+            "routed": {m: results["metrics"][m]["final"][j] for m in METRICS},
+            "oracle": {m: results["metrics_oracle"][m]["final"][j] for m in METRICS},
+            "patchcore": None if patchcore is None else {m: patchcore["tasks"][name].get(m) for m in METRICS},
+            **training[name],
             "patchcore_seconds": None if patchcore is None else patchcore["tasks"][name]["seconds"],
         }
-        rows[name] = row
     return {
         "command": args.command,
         "config_source": args.config,
@@ -243,10 +255,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-cache", default="runs/feature_cache_quality")
     p.add_argument("--full-matrix", action="store_true", help="evaluate every task after every task (forgetting)")
     p.add_argument("--no-patchcore", action="store_true")
-    p.add_argument("--coreset", type=float, default=0.1)
+    p.add_argument("--coreset", type=float, default=PATCHCORE_CORESET)
+    p.add_argument("--rescore", default=None, help="RUN_DIR of an earlier sweep run: evaluate its models again")
     args = p.parse_args(argv)
     args.command = "python benchmarks/quality_sweep.py " + " ".join(argv) if argv else ""
     return args
+
+
+def rescore(args, held: dict, fit_tasks: list[TaskData], out: Path, cache: Path):
+    """Load the models of the sweep run ``args.rescore`` and evaluate them under its config + ``--set``."""
+    run = Path(args.rescore)
+    run_cfg = load_config(run / "config.yaml")
+    cfg = apply_overrides(run_cfg, args.set)
+    if to_dict(cfg.model) != to_dict(run_cfg.model) or to_dict(cfg.train) != to_dict(run_cfg.train):
+        raise SystemExit(f"--rescore {run}: only scoring.* and router.* may be overridden (the models are not retrained)")
+    model, router = load_all(run_cfg, run / "checkpoints")
+    router.cfg = cfg.router
+    exp = HeldOutExperiment(cfg, out, held, final_only=True, progress=False, feature_cache=cache)
+    exp.model, exp.router, exp.num_tasks = model.to(exp.device), router, len(fit_tasks)
+    for task in fit_tasks:
+        exp.eval_sets[task.name] = exp.prepare_eval_set(task)
+    exp.evaluate_all()
+    previous = json.loads((run / "summary.json").read_text())["tasks"]
+    keys = ("train_seconds", "epochs_run", "best_epoch", "validation_nll", "fit_images", "train_seconds_per_300")
+    return cfg, exp.results(), {name: {k: row[k] for k in keys} for name, row in previous.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,20 +287,26 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cfg = apply_overrides(load_config(args.config), [*args.set, f"train.seed={args.seed}"])
     limits = parse_limits(args.limits)
     specs = args.tasks or six_tasks(Path(args.shared))
     tasks = resolve_tasks(specs, limits=limits)
     splits = [split_holdout(t) for t in tasks]
     fit_tasks, held = [s[0] for s in splits], {s[0].name: s[1] for s in splits}
     out, cache = Path(args.out), Path(args.feature_cache)
-    torch.manual_seed(args.seed)
-    exp = HeldOutExperiment(cfg, out, held, final_only=not args.full_matrix, progress=False, feature_cache=cache)
-    results = exp.run(fit_tasks, specs, limits)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.rescore:
+        cfg, results, training = rescore(args, held, fit_tasks, out, cache)
+        write_json_atomic(results, out / "results.json")
+    else:
+        cfg = apply_overrides(load_config(args.config), [*args.set, f"train.seed={args.seed}"])
+        torch.manual_seed(args.seed)
+        exp = HeldOutExperiment(cfg, out, held, final_only=not args.full_matrix, progress=False, feature_cache=cache)
+        results = exp.run(fit_tasks, specs, limits)
+        training = training_rows(exp)
     patchcore = None if args.no_patchcore else patchcore_all(cfg, fit_tasks, cache, args.coreset, 0, out)
     if patchcore is not None:
         write_json_atomic(patchcore, out / "patchcore.json")
-    summary = summarise(results, patchcore, exp, args, cfg)
+    summary = summarise(results, patchcore, training, args, cfg)
     write_json_atomic(summary, out / "summary.json")
     (out / "summary.md").write_text(markdown(summary))
     print((out / "summary.md").read_text())

@@ -29,10 +29,15 @@ from quality_sweep import six_tasks, split_holdout  # noqa: E402
 
 VARIANTS: dict[str, RouterConfig] = {
     "patch_mean / mahalanobis / oas": RouterConfig(feature="patch_mean", metric="mahalanobis", shrinkage="oas"),
+    "patch_mean / mahalanobis / oas / pooled": RouterConfig(
+        feature="patch_mean", metric="mahalanobis", shrinkage="oas", covariance="pooled"
+    ),
     "patch_mean / euclidean": RouterConfig(feature="patch_mean", metric="euclidean"),
     "backbone_pooled / mahalanobis / oas": RouterConfig(feature="backbone_pooled", metric="mahalanobis", shrinkage="oas"),
+    "backbone_pooled / mahalanobis / oas / pooled": RouterConfig(
+        feature="backbone_pooled", metric="mahalanobis", shrinkage="oas", covariance="pooled"
+    ),
     "patch_gaussian / oas": RouterConfig(feature="patch_gaussian", shrinkage="oas"),
-    "patch_gaussian / none": RouterConfig(feature="patch_gaussian", shrinkage="none"),
 }
 
 

@@ -133,3 +133,49 @@ def test_patch_gaussian_needs_the_mahalanobis_metric():
 
     with pytest.raises(ConfigError, match="patch_gaussian"):
         tiny_config("offline", "router.feature=patch_gaussian", "router.metric=euclidean")
+
+
+def test_pooled_covariance_is_the_mean_of_the_task_covariances():
+    cov_a, cov_b = torch.diag(torch.tensor([1.0, 9.0])), torch.tensor([[3.0, 1.0], [1.0, 3.0]])
+    router = Router(RouterConfig(covariance="pooled"))
+    router.add("a", torch.zeros(2), torch.linalg.inv(cov_a))
+    router.add("b", torch.tensor([4.0, 0.0]), torch.linalg.inv(cov_b))
+    pooled = torch.tensor([[2.0, 0.5], [0.5, 6.0]], dtype=torch.float64)  # (cov_a + cov_b) / 2
+    x = torch.tensor([[1.0, 2.0], [3.5, -1.0]])
+    diff = x.double()[:, None] - router.means[None]
+    expected = torch.einsum("btg,gh,bth->bt", diff, torch.linalg.inv(pooled), diff)
+    torch.testing.assert_close(router.distances(x), expected)
+    assert router.route(x).tolist() == expected.argmin(dim=1).tolist() == [0, 1]
+    router.remove("a")  # the pooled metric follows the remaining tasks
+    router.add("c", torch.tensor([0.0, 3.0]), torch.eye(2, dtype=torch.float64))
+    diff = x.double()[:, None] - router.means[None]
+    pooled = (cov_b.double() + torch.eye(2, dtype=torch.float64)) / 2
+    torch.testing.assert_close(router.distances(x), torch.einsum("btg,gh,bth->bt", diff, torch.linalg.inv(pooled), diff))
+    with pytest.raises(ValueError, match="NaN"):
+        router.route(torch.tensor([[float("nan"), 0.0]]))
+
+
+def test_pooled_metric_keeps_a_broad_task_from_claiming_outliers():
+    # task a: tight; task b: broad. An outlier of a (far along the tight axis) is nearer b under b's own
+    # broad covariance, but nearer a under the shared metric (where the mean difference decides)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(400, 2, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(400, 2, generator=g, dtype=torch.float64) * 3.0 + torch.tensor([6.0, 0.0], dtype=torch.float64)
+    routers = {c: Router(RouterConfig(covariance=c)) for c in ("per_task", "pooled")}
+    for name, feats in (("a", a), ("b", b)):
+        acc = PrototypeAccumulator()
+        acc.update(feats)
+        for r in routers.values():
+            r.add(name, *acc.finalize(1e-5))
+    outlier = torch.tensor([[2.0, 2.5]])
+    assert routers["per_task"].route(outlier).tolist() == [1]
+    assert routers["pooled"].route(outlier).tolist() == [0]
+
+
+def test_pooled_covariance_needs_image_level_mahalanobis():
+    from moleflow.config import ConfigError
+    from tests.helpers import tiny_config
+
+    for bad in ("router.metric=euclidean", "router.feature=patch_gaussian"):
+        with pytest.raises(ConfigError, match="pooled"):
+            tiny_config("offline", "router.covariance=pooled", bad)

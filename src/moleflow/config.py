@@ -185,11 +185,14 @@ class RouterConfig:
     (the backbone's final-layer image feature), or ``patch_gaussian``: each task keeps a Gaussian of its single
     patch features (thousands of samples per task) and an image goes to the task under which its patches have
     the lowest mean negative log-likelihood (``metric`` must then be ``mahalanobis``).
+    ``covariance`` (Mahalanobis): each task's own (``per_task``), or ``pooled``: one covariance for all, the
+    mean of the tasks' (shrunk) covariances, as in linear discriminant analysis.
     """
 
     metric: Literal["mahalanobis", "euclidean"] = "mahalanobis"
     covariance_reg: float = 1e-5
     shrinkage: Literal["none", "oas"] = "none"  # oas: well-conditioned when images < feature dims
+    covariance: Literal["per_task", "pooled"] = "per_task"
     feature: Literal["patch_mean", "backbone_pooled", "patch_gaussian"] = "patch_mean"
 
 
@@ -234,6 +237,10 @@ class MoleFlowConfig:
             raise ConfigError(
                 "router.feature=patch_gaussian routes by the patches' Gaussian NLL: set router.metric=mahalanobis"
             )
+        if self.router.covariance == "pooled" and (
+            self.router.metric != "mahalanobis" or self.router.feature == "patch_gaussian"
+        ):
+            raise ConfigError("router.covariance=pooled needs router.metric=mahalanobis and an image-level router.feature")
         if self.scoring.top_k < 1:
             raise ConfigError("scoring.top_k must be >= 1")
         lo, hi = self.model.whitening.gamma_range if self.model.whitening else (0.5, 2.0)

@@ -17,6 +17,12 @@ image with patches ``x_1..x_n`` goes to the task of lowest mean patch NLL (const
 
 with ``xbar``, ``S`` the image's own patch mean and (biased) covariance: ``T * G^2`` numbers per image
 whatever the grid, as for the image-level router evaluated directly (no index).
+
+``covariance = "pooled"`` (linear discriminant analysis): every task is measured with one precision, the
+inverse of the mean of the tasks' covariances (each task weighs the same). A task's own covariance lets a
+task of broad spread claim images that fit no task well (defective cells of one solar-cell line going to
+the other); one shared metric does not. Queries whiten once (``G^2``) and compare with the whitened means
+(``T * G``), so routing stays cheap at many tasks; adding a task inverts its precision once (``G^3``).
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ class Router:
     _index: MahalanobisIndex | None = field(default=None, init=False, repr=False)  # rebuilt on change
     _factors: dict[str, TaskFactors] = field(default_factory=dict, init=False, repr=False)  # per task, once
     _log_dets: torch.Tensor | None = field(default=None, init=False, repr=False)  # patch_gaussian, rebuilt on change
+    _covariances: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # pooled, per task
+    _pooled: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)  # rebuilt on change
 
     def add(self, task: str, mean: torch.Tensor, precision: torch.Tensor) -> None:
         if task in self.tasks:
@@ -109,14 +117,28 @@ class Router:
         self.means = mean if self.means is None else torch.cat([self.means, mean])
         self.precisions = precision if self.precisions is None else torch.cat([self.precisions, precision])
         self.tasks.append(task)
-        self._index = self._log_dets = None
+        self._index = self._log_dets = self._pooled = None
 
     def remove(self, task: str) -> None:
         i = self.tasks.index(task)
         keep = [j for j in range(len(self.tasks)) if j != i]
         self.means, self.precisions = self.means[keep], self.precisions[keep]
-        self._factors.pop(self.tasks.pop(i), None)
-        self._index = self._log_dets = None
+        name = self.tasks.pop(i)
+        self._factors.pop(name, None)
+        self._covariances.pop(name, None)
+        self._index = self._log_dets = self._pooled = None
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C (G, G), whitened means (T, G))``: ``C C^T`` = the mean of the tasks' covariances (lower
+        Cholesky factor), whitened means ``C^-1 mu_t``; then ``d_t(x) = ||C^-1 x - C^-1 mu_t||^2``."""
+        if self._pooled is None:
+            for task, precision in zip(self.tasks, self.precisions, strict=True):
+                if task not in self._covariances:  # inverted once per task
+                    self._covariances[task] = torch.cholesky_inverse(torch.linalg.cholesky(precision))
+            cov = torch.stack([self._covariances[t] for t in self.tasks]).mean(dim=0)
+            chol = torch.linalg.cholesky(0.5 * (cov + cov.T))
+            self._pooled = chol, torch.linalg.solve_triangular(chol, self.means.T, upper=False).T
+        return self._pooled
 
     def log_dets(self) -> torch.Tensor:
         """``log|P_t|`` per task ``(T,)`` float64, computed once per set of tasks."""
@@ -146,6 +168,9 @@ class Router:
         diff = x[:, None, :] - self.means[None]  # (B, T, G)
         if self.cfg.metric == "euclidean":
             return diff.pow(2).sum(dim=-1)
+        if self.cfg.metric == "mahalanobis" and self.cfg.covariance == "pooled":
+            chol, _ = self.pooled()
+            return torch.einsum("btg,gh,bth->bt", diff, torch.cholesky_inverse(chol), diff)
         if self.cfg.metric == "mahalanobis":
             return torch.einsum("btg,tgh,bth->bt", diff, self.precisions, diff)
         raise ValueError(f"unknown router metric {self.cfg.metric!r}")
@@ -165,15 +190,18 @@ class Router:
 
     def route(self, features: torch.Tensor) -> torch.Tensor:
         """Index into ``self.tasks`` of the nearest prototype per image, ``(B,)`` long."""
+        if self.cfg.metric == "euclidean":
+            return self.distances(features).argmin(dim=1)
+        if not torch.isfinite(features).all():
+            raise ValueError("routing features contain NaN or inf; check the backbone input images")
         if self.cfg.feature == "patch_gaussian":
-            if not torch.isfinite(features).all():
-                raise ValueError("routing features contain NaN or inf; check the backbone input images")
             return self.distances(features).argmin(dim=1).to(features.device)
-        if self.cfg.metric == "mahalanobis":
-            if not torch.isfinite(features).all():
-                raise ValueError("routing features contain NaN or inf; check the backbone input images")
-            return self.index(features.device).nearest(features.detach())[0]
-        return self.distances(features).argmin(dim=1)
+        if self.cfg.covariance == "pooled":
+            chol, white_means = self.pooled()
+            x = features.detach().to(device=chol.device, dtype=torch.float64)
+            white = torch.linalg.solve_triangular(chol, x.T, upper=False).T  # (B, G)
+            return torch.cdist(white, white_means).argmin(dim=1).to(features.device)
+        return self.index(features.device).nearest(features.detach())[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"means": self.means, "precisions": self.precisions}
