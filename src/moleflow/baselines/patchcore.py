@@ -68,10 +68,11 @@ def greedy_coreset(patches: torch.Tensor, num: int, projection_dim: int | None =
         proj = torch.randn(x.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         x = x @ proj.to(x.device)
     sq_norms = (x * x).sum(dim=1)
-    # Squared distance of every patch to its nearest selected one (and that centre's rank); selected
-    # patches are pinned at -1 so they are never picked again, even when duplicates leave all remaining
-    # distances at 0 (and never measured again: their bound 2 * sqrt(0) is beaten by no distance).
+    # Squared distance of every patch to its nearest selected one, that centre's rank, and twice the
+    # (unsquared) distance, the pruning threshold. Selected patches are pinned at -1 so they are never
+    # picked again, even when duplicates leave all remaining distances at 0, and never measured again.
     min_dist = torch.full((count,), float("inf"), device=x.device)
+    reach = torch.full((count,), float("inf"), device=x.device)
     owner = torch.zeros(count, dtype=torch.long, device=x.device)
     centres = x.new_empty(num, x.shape[1])
     centre_sq = x.new_empty(num)
@@ -82,16 +83,13 @@ def greedy_coreset(patches: torch.Tensor, num: int, projection_dim: int | None =
         if k == num - 1:
             break
         c = x[current]
-        if k == 0:
-            todo = torch.arange(count, device=x.device)
-        else:
-            between = (centre_sq[:k] - 2.0 * (centres[:k] @ c) + sq_norms[current]).clamp_min_(0.0).sqrt_()
-            todo = (between[owner] < 2.0 * min_dist.clamp_min(0.0).sqrt()).nonzero().squeeze(1)
+        between = (centre_sq[:k] - 2.0 * (centres[:k] @ c) + sq_norms[current]).clamp_min_(0.0).sqrt_()
+        todo = (between[owner] < reach).nonzero().squeeze(1) if k else torch.arange(count, device=x.device)
         dist = sq_norms[todo] - 2.0 * (x[todo] @ c) + sq_norms[current]
         closer = dist < min_dist[todo]
-        moved = todo[closer]
-        min_dist[moved], owner[moved] = dist[closer], k
-        min_dist[current] = -1.0
+        moved, dist = todo[closer], dist[closer]
+        min_dist[moved], owner[moved], reach[moved] = dist, k, 2.0 * dist.clamp_min(0.0).sqrt()
+        min_dist[current], reach[current] = -1.0, -1.0
         current = int(torch.argmax(min_dist))
     return selected
 
