@@ -121,3 +121,25 @@ def test_without_early_stopping_all_epochs_run_and_held_out_nll_is_recorded() ->
     assert len(report.validation_nll) == 3 and report.best_epoch is None
     assert trainer.validation_nll("t0", held) == pytest.approx(report.validation_nll[-1], rel=1e-5)
     assert all(math.isfinite(v) for v in report.validation_nll)
+
+
+def test_step_budget_sets_the_epochs_per_task() -> None:
+    from moleflow.training import task_epochs
+
+    cfg = tiny_config("offline", "train.batch_size=16", "train.epochs=7").train
+    assert task_epochs(cfg, 1000) == 7  # no step budget: the configured epochs
+    cfg = tiny_config("offline", "train.batch_size=16", "train.steps=300").train
+    assert task_epochs(cfg, 240) == 20  # 15 batches per epoch
+    assert task_epochs(cfg, 23) == 150  # 2 batches per epoch
+    assert task_epochs(cfg, 552) == 9  # 35 batches: 8.57 -> 9
+    assert task_epochs(cfg, 100_000) == 1
+    with pytest.raises(ConfigError, match="steps"):
+        tiny_config("offline", "train.steps=0")
+
+
+def test_learn_task_runs_the_step_budget() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config("offline", "train.steps=15", "train.batch_size=8")  # 24 images: 3 batches -> 5 epochs
+    trainer = ContinualTrainer(MoLEFlow(cfg.model), Router(cfg.router), cfg)
+    report = trainer.learn_task("t0", task_features(0.0, seed=1), progress=False)
+    assert len(report.epoch_losses) == 5  # not tiny_config's train.epochs=3

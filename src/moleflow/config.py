@@ -175,6 +175,9 @@ class TrainConfig:
     # after the positional encoding, whitening and spatial mixer have seen the whole grid); 1 = all
     patch_fraction: float = 1.0
     early_stopping: EarlyStoppingConfig | None = None
+    # optimizer steps per task: when set, each task trains round(steps / batches per epoch) epochs (at least
+    # 1) instead of ``epochs``, so every product costs about the same and a small one still gets enough steps
+    steps: int | None = None
 
 
 @dataclass
@@ -230,6 +233,8 @@ class MoleFlowConfig:
             raise ConfigError(f"loss.tail_top_k is a fraction in (0, 1], got {self.loss.tail_top_k}")
         if not 0.0 < self.train.patch_fraction <= 1.0:
             raise ConfigError(f"train.patch_fraction is a fraction in (0, 1], got {self.train.patch_fraction}")
+        if self.train.steps is not None and self.train.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1 (or null for train.epochs), got {self.train.steps}")
         es = self.train.early_stopping
         if es is not None and (es.patience < 1 or es.min_epochs < 1):
             raise ConfigError("train.early_stopping.patience and min_epochs must be >= 1")

@@ -66,10 +66,22 @@ def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: TrainConfi
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamp' or 'adamw'")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: ``lr(e) = lr0 * 0.5 * (1 + cos(pi * e / E))`` (cosine) or constant."""
+def task_epochs(cfg: TrainConfig, num_images: int) -> int:
+    """Epochs for a task of ``num_images``: ``cfg.epochs``, or with ``cfg.steps`` the epochs closest to that
+    many optimizer steps (``ceil(num_images / batch_size)`` per epoch), at least one."""
+    if cfg.steps is None:
+        return cfg.epochs
+    per_epoch = max(1, math.ceil(num_images / cfg.batch_size))
+    return max(1, round(cfg.steps / per_epoch))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int | None = None
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule over ``E = epochs`` (default ``cfg.epochs``): ``lr(e) = lr0 * 0.5 * (1 + cos(pi * e / E))``
+    (cosine) or constant."""
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs or cfg.epochs))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -157,12 +169,13 @@ class ContinualTrainer:
         groups = self.model.parameter_groups(task, train_base)
         trainable = [p for ps in groups.values() for p in ps]
         optimizer, report = build_optimizer(groups, tcfg), TaskTrainingReport(task)
-        scheduler = build_scheduler(optimizer, tcfg)
+        epochs = task_epochs(tcfg, len(features))
+        scheduler = build_scheduler(optimizer, tcfg, epochs)
         report.trainable_parameters = sum(p.numel() for p in trainable)
         generator = torch.Generator().manual_seed(tcfg.seed + 7919 * len(self.model.tasks))
         stopper = _EarlyStopper(tcfg, trainable) if tcfg.early_stopping is not None and validation is not None else None
         if tcfg.early_stopping is not None and validation is None:
-            log.warning("train.early_stopping is set but no held-out features were given: all %d epochs run", tcfg.epochs)
+            log.warning("train.early_stopping is set but no held-out features were given: all %d epochs run", epochs)
         log.info(
             "learning task %r (%d images, %d trainable parameters, base %s)",
             task,
@@ -170,7 +183,7 @@ class ContinualTrainer:
             report.trainable_parameters,
             "trained" if train_base else "frozen",
         )
-        bar = tqdm(range(tcfg.epochs), desc=f"train {task}", disable=not progress, leave=False)
+        bar = tqdm(range(epochs), desc=f"train {task}", disable=not progress, leave=False)
         for epoch in bar:
             self.model.train()
             report.epoch_losses.append(self._epoch(task, features, optimizer, trainable, generator, epoch))
