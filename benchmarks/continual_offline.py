@@ -11,19 +11,20 @@ tables quoted in docs/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
+from moleflow.atomic import write_json_atomic
 from moleflow.baselines.patchcore import PATCHCORE_CORESET, PatchCoreScorer, patchcore_backbone
-from moleflow.config import apply_overrides, preset
+from moleflow.config import apply_overrides, preset, replace
 from moleflow.data import resolve_task
-from moleflow.evaluation import metrics as M
-from moleflow.experiment import ContinualExperiment, write_json_atomic
-from moleflow.report import format_summary_table, pct, write_report
+from moleflow.evaluation.protocol import METRIC_NAMES
+from moleflow.evaluation.task_metrics import task_metrics
+from moleflow.experiment import ContinualExperiment
+from moleflow.report import format_summary_table, pct
 from moleflow.scoring import anomaly_maps
 
 log = logging.getLogger("benchmark")
@@ -46,22 +47,17 @@ def patchcore_baseline(exp: ContinualExperiment, tasks, coreset_ratio: float) ->
     backbone = patchcore_backbone(exp.cfg.model.backbone)
     pc = exp
     if backbone != exp.cfg.model.backbone:
-        model = dataclasses.replace(exp.cfg.model, backbone=backbone, scale_context=None)
-        pc = ContinualExperiment(dataclasses.replace(exp.cfg, model=model), exp.run_dir / "patchcore", progress=False)
+        model = replace(exp.cfg.model, backbone=backbone, scale_context=None)
+        pc = ContinualExperiment(replace(exp.cfg, model=model), exp.run_dir / "patchcore", progress=False)
     for task in tasks:
         start = time.perf_counter()
         train = pc.extract(task.train, f"baseline features {task.name}")
         scorer = PatchCoreScorer(coreset_ratio=coreset_ratio).fit(train.patches)
         es = pc.eval_sets[task.name] if pc is exp else pc.prepare_eval_set(task)
         patch = scorer.score(es.features.patches)
-        values = {"image_auroc": M.image_auroc(scorer.image_scores(es.features.patches).numpy(), es.labels)}
-        if es.masks is not None:
-            maps = anomaly_maps(patch, (size, size), 4.0).numpy()  # PatchCore's sigma = 4
-            values.update(
-                pixel_auroc=M.pixel_auroc(maps, es.masks),
-                pixel_ap=M.pixel_ap(maps, es.masks),
-                aupro=M.aupro(maps, es.masks),
-            )
+        maps = None if es.masks is None else anomaly_maps(patch, (size, size), 4.0).numpy()  # PatchCore's sigma = 4
+        image_scores = scorer.image_scores(es.features.patches).numpy()
+        values: dict = task_metrics(image_scores, es.labels, maps, es.masks).values  # all metrics, None where n/a
         values["seconds"] = time.perf_counter() - start
         out[task.name] = {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in values.items()}
         log.info("patchcore %s: %s", task.name, out[task.name])
@@ -69,7 +65,7 @@ def patchcore_baseline(exp: ContinualExperiment, tasks, coreset_ratio: float) ->
 
 
 def markdown(results: dict, baseline: dict, command: str) -> str:
-    metrics = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+    metrics = [m for m in METRIC_NAMES if m in results["metrics"]]  # the newer metrics once results carry them
     lines = [
         f"Command: `{command}`",
         "",
@@ -125,9 +121,6 @@ def main() -> None:
     out = Path(args.out)
     exp = ContinualExperiment(cfg, out, progress=False)
     results = exp.run(tasks, specs)
-    from moleflow.cli import _examples
-
-    write_report(out, results, _examples(exp))
     baseline = patchcore_baseline(exp, tasks, args.coreset)
     write_json_atomic(baseline, out / "baseline.json")
     command = "python benchmarks/continual_offline.py " + " ".join(

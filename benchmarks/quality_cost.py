@@ -44,7 +44,7 @@ from quality_sweep import split_holdout  # noqa: E402
 
 def learn_cost(cfg, spec: str, images: int) -> dict:
     task = subsample_task(resolve_task(spec), images, 2)
-    fit, held = split_holdout(task)
+    fit, held = split_holdout(task, cfg.calibration.holdout)
     device = torch.device("cpu")
     start = time.perf_counter()
     extractor = FeatureExtractor(cfg.model.backbone)

@@ -4,9 +4,10 @@
         [--limits TRAIN,TEST] [--seed N] [--full-matrix] [--no-patchcore] [--tasks SPEC ...]
 
 Tasks (default, in this order): hazelnut_toy, mpdd_metal_plate, elpv mono, elpv poly, magnetic_tile,
-bsd_pitting (``--shared`` holds ``datasets/``). Every task's training normals are split as the lifecycle
-product splits them: sorted, every 5th image (positions 4, 9, 14, ...) is held out for calibration and
-early stopping, the other 80 % train the flow. ``--limits`` subsamples each task first (deterministic).
+bsd_pitting (``--shared`` holds ``datasets/``). Every task's training normals are split by the detector
+itself (``calibration.holdout``, 20 %: evenly spaced over the training images' order): the held-out share
+calibrates the thresholds and, with ``train.early_stopping``, decides when to stop; the rest trains the flow.
+``--limits`` subsamples each task first (deterministic).
 
 Backbone features are cached on disk per (backbone config, image set) under ``--feature-cache``, so later
 runs with the same backbone skip extraction; PatchCore results are cached there as well (keyed by its
@@ -21,9 +22,10 @@ layers and input size on the stride of the finest layer with 3x3 local averaging
 (``moleflow.baselines.patchcore.patchcore_backbone``): the same features as the MoLE-Flow run whenever
 that run uses ``model.backbone.grid=finest``.
 
-``--rescore RUN_DIR``: no training; the models of an earlier sweep run are loaded and evaluated again under
-its config plus ``--set`` overrides of the ``scoring`` and ``router`` sections (the router is rebuilt from
-the stored prototypes), e.g. to measure the smoothing sigma or top-k without retraining.
+``--rescore RUN_DIR``: no training; the run directory of an earlier sweep is copied to ``--out`` and its
+products are evaluated again under its config plus ``--set`` overrides of the ``scoring`` and ``router``
+sections (routing uses the stored prototypes), e.g. to measure the smoothing sigma or top-k without
+retraining. Only threshold-free metrics stay comparable: the thresholds were calibrated under the old scoring.
 
 Writes ``results.json`` (the continual run), ``patchcore.json``, ``summary.json`` and ``summary.md``.
 """
@@ -35,27 +37,32 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from moleflow.atomic import write_json_atomic
 from moleflow.baselines.patchcore import PATCHCORE_CORESET, PatchCoreScorer, patchcore_backbone
-from moleflow.checkpoint import load_all
-from moleflow.config import apply_overrides, load_config, to_dict
+from moleflow.config import apply_overrides, load_config, replace, to_dict
 from moleflow.data.base import TaskData
 from moleflow.data.spec import parse_limits, resolve_tasks
-from moleflow.evaluation import metrics as M
-from moleflow.experiment import ContinualExperiment, EvalSet, samples_digest, write_json_atomic
-from moleflow.features.cache import CachedFeatures, cache_fingerprint
+from moleflow.evaluation.evaluate import EvalSet
+from moleflow.evaluation.task_metrics import task_metrics
+from moleflow.experiment import ContinualExperiment
+from moleflow.features.cache import cache_fingerprint
+from moleflow.features.store import samples_digest
 from moleflow.report import pct
 from moleflow.scoring import anomaly_maps
-from moleflow.training import ContinualTrainer, TaskTrainingReport
+from moleflow.sources import holdout_split
+from moleflow.validation import validate_tasks
 
 log = logging.getLogger("quality_sweep")
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
-HOLDOUT_EVERY = 5
 PATCHCORE_SIGMA = 4.0  # PatchCore's Gaussian (pixels of the input image)
 
 
@@ -71,53 +78,40 @@ def six_tasks(shared: Path) -> list[str]:
     ]
 
 
-def split_holdout(task: TaskData, every: int = HOLDOUT_EVERY) -> tuple[TaskData, tuple]:
-    """(task with the 80 % fit share as its training set, the held-out 20 %): sorted by file (or sample
-    name), positions ``every-1, 2*every-1, ...`` are held out."""
-    ordered = sorted(task.train, key=lambda s: str(getattr(s, "image_path", None) or s.name))
-    held = tuple(s for i, s in enumerate(ordered) if i % every == every - 1)
-    fit = tuple(s for i, s in enumerate(ordered) if i % every != every - 1)
-    return dataclasses.replace(task, train=fit), held
+def split_holdout(task: TaskData, holdout: float = 0.2) -> tuple[TaskData, tuple]:
+    """(``task`` with the training images the detector trains on, the ones it holds out to calibrate): the
+    detector's own split (``calibration.holdout``, evenly spaced over the training images' order)."""
+    fit, held = holdout_split(task.train, holdout)
+    return dataclasses.replace(task, train=tuple(fit)), tuple(held)
 
 
-class ValidatingTrainer(ContinualTrainer):
-    """Passes each task's held-out features to ``learn_task`` and keeps the training reports."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.validation: dict[str, CachedFeatures] = {}
-        self.reports: dict[str, TaskTrainingReport] = {}
-
-    def learn_task(self, task, features, progress=True, validation=None) -> TaskTrainingReport:
-        held = self.validation.get(task)
-        held = held.to(self.device) if validation is None and held is not None else validation
-        report = super().learn_task(task, features, progress=progress, validation=held)
-        self.reports[task] = report
-        return report
+def fit_share(task: TaskData, holdout: float) -> TaskData:
+    return split_holdout(task, holdout)[0]
 
 
-class HeldOutExperiment(ContinualExperiment):
-    """The continual protocol with held-out normals per task (early stopping, validation NLL)."""
+class EpochRecords:
+    """A training logger (moleflow.training_log) that keeps every epoch record, per task."""
 
-    def __init__(self, cfg, run_dir, held_out: dict[str, tuple], *, final_only: bool, **kwargs) -> None:
-        super().__init__(cfg, run_dir, **kwargs)
-        self.trainer = ValidatingTrainer(self.model, self.router, cfg, self.device)
-        self.held_out, self.final_only, self.num_tasks = held_out, final_only, 0
-        self.fit_counts: dict[str, int] = {}
+    def __init__(self) -> None:
+        self.records: dict[str, list[dict[str, Any]]] = {}
 
-    def learn(self, task: TaskData) -> None:
-        self.fit_counts[task.name] = len(task.train)
-        if self.held_out.get(task.name):
-            self.trainer.validation[task.name] = self.extract(self.held_out[task.name], f"features {task.name}/held")
-        super().learn(task)
+    def log_epoch(self, record: Mapping[str, Any]) -> None:
+        self.records.setdefault(str(record["task"]), []).append(dict(record))
 
-    def evaluate_all(self) -> None:
-        if not self.final_only or len(self.model.tasks) == self.num_tasks:
-            super().evaluate_all()
+    def close(self) -> None:
+        pass
 
-    def run(self, tasks, specs=None, limits=None, data_root=None) -> dict:
-        self.num_tasks = len(tasks)
-        return super().run(tasks, specs, limits, data_root)
+
+def run_sweep(cfg, tasks: list[TaskData], specs, limits, out: Path, cache: Path, full_matrix: bool):
+    """Learn ``tasks`` in order on a fresh run in ``out``; evaluate after every task (``full_matrix``) or once
+    after the last. Returns (results.json, the epoch records per task)."""
+    epochs = EpochRecords()
+    exp = ContinualExperiment(cfg, out, progress=False, feature_cache=cache, loggers=[epochs])
+    validate_tasks(tasks)
+    for i, (task, spec) in enumerate(zip(tasks, specs, strict=True)):
+        evaluate = "all" if full_matrix or i == len(tasks) - 1 else "none"
+        exp.session.learn(task, task.name, evaluate=evaluate, spec=spec, limits=limits, check=False)
+    return exp.session.last_results or exp.session.write(), epochs.records
 
 
 # ----------------------------------------------------------------------------- PatchCore
@@ -131,13 +125,9 @@ def patchcore_task(exp: ContinualExperiment, task: TaskData, coreset: float, see
     scorer = PatchCoreScorer(coreset_ratio=coreset, seed=seed).fit(train.patches.float())
     fit_seconds = time.perf_counter() - start
     test = es.features.patches.float()
-    values: dict[str, float | None] = {"image_auroc": M.image_auroc(scorer.image_scores(test).numpy(), es.labels)}
-    if es.masks is not None:
-        size = (exp.eval_size, exp.eval_size)
-        maps = anomaly_maps(scorer.score(test), size, PATCHCORE_SIGMA).numpy()
-        values.update(
-            pixel_auroc=M.pixel_auroc(maps, es.masks), pixel_ap=M.pixel_ap(maps, es.masks), aupro=M.aupro(maps, es.masks)
-        )
+    size = (exp.eval_size, exp.eval_size)
+    maps = None if es.masks is None else anomaly_maps(scorer.score(test), size, PATCHCORE_SIGMA).numpy()
+    values = task_metrics(scorer.image_scores(test).numpy(), es.labels, maps, es.masks).values
     clean = {k: (None if v is None or not np.isfinite(v) else float(v)) for k, v in values.items()}
     return {**clean, "fit_seconds": fit_seconds, "seconds": time.perf_counter() - start, "bank": len(scorer.memory_bank)}
 
@@ -145,7 +135,7 @@ def patchcore_task(exp: ContinualExperiment, task: TaskData, coreset: float, see
 def patchcore_all(cfg, tasks: list[TaskData], cache: Path, coreset: float, seed: int, out: Path) -> dict:
     """PatchCore per task on the faithful feature config; results cached under ``cache``."""
     backbone = patchcore_backbone(cfg.model.backbone)
-    pc_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone, scale_context=None))
+    pc_cfg = replace(cfg, model=replace(cfg.model, backbone=backbone, scale_context=None))
     exp = ContinualExperiment(pc_cfg, out / "patchcore_run", progress=False, feature_cache=cache)
     results = {}
     for task in tasks:
@@ -170,17 +160,19 @@ def patchcore_all(cfg, tasks: list[TaskData], cache: Path, coreset: float, seed:
 # ----------------------------------------------------------------------------- summary
 
 
-def training_rows(exp: HeldOutExperiment) -> dict[str, dict]:
+def training_rows(records: dict[str, list[dict]], fit_counts: dict[str, int], early_stopping: bool) -> dict[str, dict]:
+    """Per task: epochs run, training seconds (the epochs' sum) and, with held-out normals, their NLL per
+    epoch and (early stopping) the best epoch, the one whose parameters were kept (0-based)."""
     rows = {}
-    for name, report in exp.trainer.reports.items():
-        n_fit = exp.fit_counts[name]
+    for name, epochs in records.items():
+        seconds, val = sum(r["seconds"] for r in epochs), [r["val_nll"] for r in epochs if "val_nll" in r]
         rows[name] = {
-            "train_seconds": report.seconds,
-            "epochs_run": len(report.epoch_losses),
-            "best_epoch": report.best_epoch,
-            "validation_nll": report.validation_nll,
-            "fit_images": n_fit,
-            "train_seconds_per_300": 300.0 * report.seconds / max(1, n_fit),
+            "train_seconds": seconds,
+            "epochs_run": len(epochs),
+            "best_epoch": min(range(len(val)), key=val.__getitem__) if early_stopping and val else None,
+            "validation_nll": val,
+            "fit_images": fit_counts[name],
+            "train_seconds_per_300": 300.0 * seconds / max(1, fit_counts[name]),
         }
     return rows
 
@@ -262,23 +254,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def rescore(args, held: dict, fit_tasks: list[TaskData], out: Path, cache: Path):
-    """Load the models of the sweep run ``args.rescore`` and evaluate them under its config + ``--set``."""
+def rescore(args, out: Path):
+    """Evaluate the products of the sweep run ``args.rescore`` again (in a copy at ``out``) under its config
+    plus ``--set`` overrides of ``scoring.*`` and ``router.*``."""
     run = Path(args.rescore)
-    run_cfg = load_config(run / "config.yaml")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--rescore: {out} is not empty; give a new --out")
+    shutil.copytree(run, out, dirs_exist_ok=True)
+    exp = ContinualExperiment.open(out, progress=False, feature_cache=args.feature_cache, check_calibration=False)
+    run_cfg = exp.cfg
     cfg = apply_overrides(run_cfg, args.set)
     if to_dict(cfg.model) != to_dict(run_cfg.model) or to_dict(cfg.train) != to_dict(run_cfg.train):
         raise SystemExit(f"--rescore {run}: only scoring.* and router.* may be overridden (the models are not retrained)")
-    model, router = load_all(run_cfg, run / "checkpoints")
-    router.cfg = cfg.router
-    exp = HeldOutExperiment(cfg, out, held, final_only=True, progress=False, feature_cache=cache)
-    exp.model, exp.router, exp.num_tasks = model.to(exp.device), router, len(fit_tasks)
-    for task in fit_tasks:
-        exp.eval_sets[task.name] = exp.prepare_eval_set(task)
-    exp.evaluate_all()
+    exp.detector.cfg, exp.router.cfg = cfg, cfg.router  # in memory only: the copy's config.yaml stays the run's
+    exp.session.evaluate()
     previous = json.loads((run / "summary.json").read_text())["tasks"]
     keys = ("train_seconds", "epochs_run", "best_epoch", "validation_nll", "fit_images", "train_seconds_per_300")
-    return cfg, exp.results(), {name: {k: row[k] for k in keys} for name, row in previous.items()}
+    return cfg, exp.session.results(), {name: {k: row[k] for k in keys} for name, row in previous.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -290,19 +282,17 @@ def main(argv: list[str] | None = None) -> None:
     limits = parse_limits(args.limits)
     specs = args.tasks or six_tasks(Path(args.shared))
     tasks = resolve_tasks(specs, limits=limits)
-    splits = [split_holdout(t) for t in tasks]
-    fit_tasks, held = [s[0] for s in splits], {s[0].name: s[1] for s in splits}
     out, cache = Path(args.out), Path(args.feature_cache)
-    out.mkdir(parents=True, exist_ok=True)
     if args.rescore:
-        cfg, results, training = rescore(args, held, fit_tasks, out, cache)
-        write_json_atomic(results, out / "results.json")
+        cfg, results, training = rescore(args, out)
     else:
         cfg = apply_overrides(load_config(args.config), [*args.set, f"train.seed={args.seed}"])
         torch.manual_seed(args.seed)
-        exp = HeldOutExperiment(cfg, out, held, final_only=not args.full_matrix, progress=False, feature_cache=cache)
-        results = exp.run(fit_tasks, specs, limits)
-        training = training_rows(exp)
+        results, records = run_sweep(cfg, tasks, specs, limits, out, cache, args.full_matrix)
+        fit_counts = {t.name: len(fit_share(t, cfg.calibration.holdout).train) for t in tasks}
+        training = training_rows(records, fit_counts, cfg.train.early_stopping is not None)
+    write_json_atomic(results, out / "results.json")
+    fit_tasks = [fit_share(t, cfg.calibration.holdout) for t in tasks]  # PatchCore fits what the flow trains on
     patchcore = None if args.no_patchcore else patchcore_all(cfg, fit_tasks, cache, args.coreset, 0, out)
     if patchcore is not None:
         write_json_atomic(patchcore, out / "patchcore.json")

@@ -3,14 +3,14 @@
     python benchmarks/routing_study.py [--config offline] [--set k=v ...] [--limits TRAIN,TEST] [--out FILE.json]
 
 No flow is trained: the router's prototypes depend on the backbone features only. Prototypes are built from
-each task's 80 % fit share (the split of ``quality_sweep.py``); every test image is routed among all six.
+each task's fit share (the detector's calibration hold-out removed, as in ``quality_sweep.py``); every test
+image is routed among all six.
 Features come from (and go to) the same on-disk cache as ``quality_sweep.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moleflow.config import RouterConfig, apply_overrides, load_config
+from moleflow.config import RouterConfig, apply_overrides, load_config, to_dict
 from moleflow.data.spec import parse_limits, resolve_tasks
 from moleflow.experiment import ContinualExperiment
 from moleflow.routing import PrototypeAccumulator, Router
@@ -75,12 +75,15 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = apply_overrides(load_config(args.config), args.set)
-    tasks = [split_holdout(t)[0] for t in resolve_tasks(six_tasks(Path(args.shared)), limits=parse_limits(args.limits))]
-    exp = ContinualExperiment(cfg, Path("runs/routing_study"), progress=False, feature_cache=Path(args.feature_cache))
+    resolved = resolve_tasks(six_tasks(Path(args.shared)), limits=parse_limits(args.limits))
+    tasks = [split_holdout(t, cfg.calibration.holdout)[0] for t in resolved]
+    exp = ContinualExperiment(
+        cfg, Path("runs/routing_study"), progress=False, feature_cache=Path(args.feature_cache), overwrite=True
+    )
     train = {t.name: exp.extract(t.train, t.name) for t in tasks}
     test = {t.name: exp.extract(t.test, t.name) for t in tasks}
     rows = {}
-    print(f"backbone: {dataclasses.asdict(cfg.model.backbone)}")
+    print(f"backbone: {to_dict(cfg.model.backbone)}")
     print("| router | accuracy | " + " | ".join(train) + " |")
     print("|---|---|" + "---|" * len(train))
     for label, rcfg in VARIANTS.items():
@@ -90,7 +93,7 @@ def main() -> None:
         cells = " | ".join(f"{100 * v:.1f}" for v in r["per_task"].values())
         print(f"| {label} | {100 * r['accuracy']:.1f} | {cells} |", flush=True)
     if args.out:
-        payload = {"backbone": dataclasses.asdict(cfg.model.backbone), "variants": rows}
+        payload = {"backbone": to_dict(cfg.model.backbone), "variants": rows}
         Path(args.out).write_text(json.dumps(payload, indent=2))
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import torch
 
 from moleflow.config import MoleFlowConfig, apply_overrides, preset
@@ -65,3 +68,28 @@ def build_perturbed_model(name: str, tasks=("t0", "t1"), seed: int = 0, context_
     model.double()
     perturb(model, seed=seed + 1)
     return model
+
+
+# ----------------------------------------------------------------------------- tiny end-to-end runs
+
+TINY = ["train.epochs=2", "model.flow.coupling_layers=2", "model.flow.lora.rank=4"]
+TINY_LIMITS = "20,10"
+
+
+def learn_args(run_dir, *products, extra=()):
+    """``moleflow learn`` arguments for a tiny, fast run."""
+    sets = [a for s in TINY for a in ("--set", s)]
+    return ["learn", str(run_dir), *products, "--limits", TINY_LIMITS, "--no-progress", *sets, *extra]
+
+
+# ----------------------------------------------------------------------------- image files
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` RGB pixels but holds no pixel data (a decompression-bomb header)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

@@ -19,6 +19,7 @@ from moleflow.analysis.routing_confusion import routing_summary
 from moleflow.config import apply_overrides, preset
 from moleflow.flow.model import MoLEFlow
 from moleflow.routing import Router
+from moleflow.rundir import RunDirectoryError
 from moleflow.training import ContinualTrainer
 
 
@@ -208,7 +209,7 @@ def test_commands_name_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json"):
         args.func(args)
     args = _parser().parse_args(["dia", str(tmp_path), "--out", str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
+    with pytest.raises(RunDirectoryError, match="config.yaml and tasks.json missing"):
         args.func(args)
 
 
@@ -220,11 +221,12 @@ TINY_SPECS = ["stripes=synthetic:stripes", "disc=synthetic:disc"]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from moleflow.cli import _config, _train
+    from moleflow.cli.protocol import run_protocol
+    from moleflow.config import apply_overrides, preset
 
     root = tmp_path_factory.mktemp("diag")
-    cfg = _config("offline", TINY_RUN)
-    _train(cfg, TINY_SPECS, None, root / "run", limits=(6, 4), progress=False, feature_cache=root / "cache")
+    cfg = apply_overrides(preset("offline"), TINY_RUN)
+    run_protocol(cfg, TINY_SPECS, None, root / "run", limits=(6, 4), progress=False, feature_cache=root / "cache")
     return root
 
 

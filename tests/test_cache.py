@@ -32,7 +32,7 @@ class FakeSample:
     path: str
     seed: int
 
-    def load_image(self) -> np.ndarray:
+    def load_image(self, max_side: int | None = None) -> np.ndarray:
         if self.seed < 0:
             raise OSError("truncated file")
         rng = np.random.default_rng(self.seed)

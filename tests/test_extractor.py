@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moleflow.config import BackboneConfig
+from moleflow.config import BackboneConfig, replace
 from moleflow.features.extractor import (
     FeatureExtractor,
     cnn_patches,
@@ -83,7 +81,7 @@ def test_cnn_aggregation_matches_patchcore_recipe(lite2: FeatureExtractor) -> No
 
 
 def test_finest_grid_upsamples_the_coarser_layer_bilinearly(lite2: FeatureExtractor) -> None:
-    fine = FeatureExtractor(dataclasses.replace(LITE2, grid="finest"))
+    fine = FeatureExtractor(replace(LITE2, grid="finest"))
     assert fine.grid == (28, 28) and fine.embed_dim == 168
     x = lite2.preprocess(_images(2))
     with torch.no_grad():
@@ -98,8 +96,8 @@ def test_finest_grid_upsamples_the_coarser_layer_bilinearly(lite2: FeatureExtrac
 
 
 def test_local_aggregation_kernel(lite2: FeatureExtractor) -> None:
-    plain = FeatureExtractor(dataclasses.replace(LITE2, local_aggregation=1))
-    wide = FeatureExtractor(dataclasses.replace(LITE2, local_aggregation=5))
+    plain = FeatureExtractor(replace(LITE2, local_aggregation=1))
+    wide = FeatureExtractor(replace(LITE2, local_aggregation=5))
     x = lite2.preprocess(_images(1))
     with torch.no_grad():
         (l2, l3), _ = lite2.backbone(x)
@@ -176,7 +174,7 @@ def test_embed_dim_wider_than_layers_is_rejected() -> None:
 
 
 def test_pretrained_features_differ_from_random(lite0: FeatureExtractor) -> None:
-    random = FeatureExtractor(BackboneConfig(**{**LITE0.__dict__, "pretrained": False}))
+    random = FeatureExtractor(replace(LITE0, pretrained=False))
     x = lite0.preprocess(_images(1))
     assert not torch.allclose(lite0(x).patches, random(x).patches, atol=1e-2)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -132,10 +131,10 @@ def test_pruned_coreset_equals_plain_greedy() -> None:
 
 def test_patchcore_backbone_is_the_finest_grid_with_3x3_averaging() -> None:
     from moleflow.baselines import patchcore_backbone
-    from moleflow.config import preset
+    from moleflow.config import preset, replace
     from moleflow.features.extractor import FeatureExtractor
 
-    mole = dataclasses.replace(preset("offline").model.backbone, image_size=256, local_aggregation=1)
+    mole = replace(preset("offline").model.backbone, image_size=256, local_aggregation=1)
     faithful = patchcore_backbone(mole)
     assert (faithful.name, faithful.image_size, faithful.layers, faithful.embed_dim) == (
         mole.name,
@@ -144,5 +143,5 @@ def test_patchcore_backbone_is_the_finest_grid_with_3x3_averaging() -> None:
         mole.embed_dim,
     )
     assert (faithful.grid, faithful.local_aggregation) == ("finest", 3)
-    assert FeatureExtractor(dataclasses.replace(faithful, pretrained=False)).grid == (32, 32)  # stride 8 at 256 px
+    assert FeatureExtractor(replace(faithful, pretrained=False)).grid == (32, 32)  # stride 8 at 256 px
     assert PatchCoreScorer().coreset_ratio == 0.1

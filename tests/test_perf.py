@@ -1,10 +1,8 @@
-import dataclasses
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moleflow.config import preset
+from moleflow.config import preset, replace
 from moleflow.flow.model import MoLEFlow
 from moleflow.perf import head_flops, measure_ceiling, to_markdown
 
@@ -12,7 +10,7 @@ from moleflow.perf import head_flops, measure_ceiling, to_markdown
 def _small(name: str, dim: int = 64, rank: int = 8, layers: int = 2):
     cfg = preset(name).model
     cfg.backbone.embed_dim = dim
-    cfg.flow = dataclasses.replace(cfg.flow, coupling_layers=layers, lora=dataclasses.replace(cfg.flow.lora, rank=rank))
+    cfg.flow = replace(cfg.flow, coupling_layers=layers, lora=replace(cfg.flow.lora, rank=rank))
     return cfg
 
 

@@ -151,12 +151,27 @@ def test_save_png_and_prediction_figure(tmp_path: Path) -> None:
             np.random.default_rng(2).random((16, 16)),
             tmp_path / name,
             title="bottle | score 1.23 | anomalous",
-            vmin=0.0,
-            vmax=1.0,
-            mask=m,
+            center=0.2,
+            threshold=0.7,
+            defect=m,
         )
         assert path.is_file() and Image.open(path).size[0] > 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["no_mask.png", "with_mask.png"]
+
+
+def test_product_scale_puts_the_threshold_in_the_middle_of_the_colour_bar() -> None:
+    import matplotlib
+
+    from moleflow.visualize import product_scale
+
+    amap = np.array([[0.2, 0.7], [1.2, 5.0]])
+    scaled = product_scale(amap, center=0.2, threshold=0.7)
+    assert scaled.ravel().tolist() == pytest.approx([0.0, 1.0, 2.0, 9.6], rel=1e-6)
+    grey = np.full((2, 2, 3), 128, np.uint8)
+    out = overlay_heatmap(grey, scaled, 0.0, 2.0, alpha=1.0)  # the figure's range
+    jet = matplotlib.colormaps["jet"]
+    assert out[0, 1].tolist() == np.rint(np.asarray(jet(0.5)[:3]) * 255).astype(int).tolist()
+    assert out[1, 0].tolist() == out[1, 1].tolist()  # everything beyond 2x the threshold looks the same
 
 
 def test_format_summary_table() -> None:
@@ -175,3 +190,23 @@ def test_format_summary_table() -> None:
     results = copy.deepcopy(fake_results())
     del results["metrics_oracle"]
     assert "oracle" in format_summary_table(results)
+
+
+def test_newer_metrics_and_operating_points_show_when_present(tmp_path: Path) -> None:
+    results = copy.deepcopy(fake_results())
+    results["metrics"]["image_ap"] = _metric([[0.9, None], [0.8, 0.7]], 0.75, 0.1)
+    results["metrics"]["pro_at_threshold"] = _metric([[0.5, None], [0.4321, None]], 0.4321, None)
+    results["operating_points"] = {
+        "bottle": {"image_f1_threshold": 1.5, "pixel_f1_threshold": 0.25, "pro_threshold": 2.0},
+        "solar_mono": {"image_f1_threshold": 3.0, "pixel_f1_threshold": None, "pro_threshold": None},
+    }
+    lines = format_summary_table(results).splitlines()
+    head = ["task", "img", "AUROC", "pix", "AUROC", "pix", "AP", "AUPRO", "img", "AP", "PRO@thr", "oracle", "img"]
+    assert lines[0].split() == head
+    assert "img F1" not in lines[0]  # absent from these results: no column of dashes
+    bottle = next(line for line in lines if line.startswith("bottle"))
+    assert bottle.split() == ["bottle", "91.2", "96.6", "52.3", "87.0", "80.0", "43.2", "93.8"]
+    text = write_report(tmp_path, results, {}).read_text()
+    assert "| Image AP | PRO at threshold |" in text  # summary columns after the first four
+    assert "## Operating points" in text
+    assert "| bottle | 1.5 | 0.25 | 2 |" in text and "| solar_mono | 3 | – | – |" in text

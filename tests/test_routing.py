@@ -111,7 +111,7 @@ def test_patch_gaussian_routes_by_patch_distribution_where_image_means_carry_not
     def feats(x):
         return CachedFeatures(x, None, x.mean(dim=(1, 2)))
 
-    cfg = tiny_config("offline", "router.feature=patch_gaussian")
+    cfg = tiny_config("offline", "router.feature=patch_gaussian", "router.covariance=own")
     trainer = ContinualTrainer(MoLEFlow(cfg.model), Router(cfg.router), cfg)
     train = {"a": feats(images(30, 0)), "b": feats(images(30, 1))}
     for name, f in train.items():
@@ -161,14 +161,14 @@ def test_pooled_metric_keeps_a_broad_task_from_claiming_outliers():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(400, 2, generator=g, dtype=torch.float64) * 0.3
     b = torch.randn(400, 2, generator=g, dtype=torch.float64) * 3.0 + torch.tensor([6.0, 0.0], dtype=torch.float64)
-    routers = {c: Router(RouterConfig(covariance=c)) for c in ("per_task", "pooled")}
+    routers = {c: Router(RouterConfig(covariance=c)) for c in ("own", "pooled")}
     for name, feats in (("a", a), ("b", b)):
         acc = PrototypeAccumulator()
         acc.update(feats)
         for r in routers.values():
             r.add(name, *acc.finalize(1e-5))
     outlier = torch.tensor([[2.0, 2.5]])
-    assert routers["per_task"].route(outlier).tolist() == [1]
+    assert routers["own"].route(outlier).tolist() == [1]
     assert routers["pooled"].route(outlier).tolist() == [0]
 
 

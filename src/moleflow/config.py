@@ -4,6 +4,12 @@ Every hyper-parameter of the method lives here; modules receive the section they
 A component that can be switched off is an optional section (``None`` = absent), so an
 ablation is a config change (``--set model.dia=null``), never a flag threaded through code.
 
+The sections are pydantic models (:class:`moleflow.config_base.Section`): every value is type- and
+range-checked when a config is built, loaded or assigned, and a wrong one raises :class:`ConfigError`
+naming the dotted key, the allowed range and the value (``train.epochs: must be >= 1, got 0``).
+Adding a section is a ``Section`` subclass plus one field on its parent. ``docs/config.schema.json``
+is the JSON schema of this module (``make schema`` rewrites it; a test fails when it is stale).
+
 Presets (see ``docs/PRESETS.md`` for the table of every value and where it comes from):
 
 - ``paper``   -- method-outline.md (WideResNet-50-2, context-aware subnet, scale context, AdamP).
@@ -13,118 +19,178 @@ Presets (see ``docs/PRESETS.md`` for the table of every value and where it comes
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import types
+import re
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from moleflow.config_base import (
+    ConfigError,
+    Decay,
+    Fraction,
+    Kernel,
+    NonNegative,
+    Number,
+    Positive,
+    Section,
+    StrictInt,
+    UnitInterval,
+    deep_merge,
+    json_schema_text,
+    load_yaml,
+    parse_override,
+    set_dotted,
+    to_dict,
+)
+from moleflow.config_base import ConfigProblem as ConfigProblem  # re-exported: the public names live here
+from moleflow.config_base import replace as replace
 
 SCHEMA_VERSION = 1
+PARAMETER_GROUPS = ("base", "lora", "whitening", "mixer", "dia")
+PresetName = Literal["paper", "v5", "offline"]
 
 
-class ConfigError(ValueError):
-    """A configuration value, key or file is wrong; the message says which and how to fix it."""
+def _layer_specs(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, str)) or item == "":
+                raise PydanticCustomError(
+                    "layer_spec", "entries must be block indices (ViT, integers) or stage names (CNN, strings)"
+                )
+    return value
 
 
 # ----------------------------------------------------------------------------- sections
 
 
-@dataclass
-class BackboneConfig:
+class BackboneConfig(Section):
     """Frozen feature extractor. ``layers`` are backbone-specific (ViT block indices, CNN stage names)."""
 
-    name: str = "efficientnet_lite2"
-    image_size: int = 224
-    layers: tuple[Any, ...] = ("blocks.2", "blocks.4")
-    embed_dim: int = 168  # D after aggregation; for CNNs the concatenated stage widths unless pooled
-    pretrained: bool = True
-    # CNN patch grid: that of the coarsest selected layer (finer layers average-pooled down to it) or of the
-    # finest (coarser layers upsampled bilinearly to it, as PatchCore does); ViT: all layers share one grid
+    name: str = Field("efficientnet_lite2", min_length=1)
+    image_size: StrictInt = Field(224, ge=64, multiple_of=32)
+    """Input side in pixels; a multiple of 32 (every backbone's coarsest stride) and at least 64."""
+    layers: Annotated[tuple[int | str, ...], BeforeValidator(_layer_specs)] = Field(("blocks.2", "blocks.4"), min_length=1)
+    embed_dim: StrictInt = Field(168, ge=4, json_schema_extra={"multipleOf": 4})
+    """D after aggregation; for CNNs the concatenated stage widths unless pooled. Divisible by 4."""
+    pretrained: bool = Field(True, strict=True)
     grid: Literal["coarsest", "finest"] = "coarsest"
-    local_aggregation: int = 3  # CNN: k x k local average of every layer map before the grid (PatchCore); 1 = off
+    """CNN patch grid: that of the coarsest selected layer (finer layers average-pooled down to it) or of the
+    finest (coarser layers upsampled bilinearly to it, as PatchCore does); ViT: all layers share one grid."""
+    local_aggregation: Kernel = 3
+    """CNN: k x k local average of every layer map before it is brought to the grid (PatchCore); odd, 1 = off."""
+
+    @field_validator("embed_dim")
+    @classmethod
+    def _embed_dim_splits_in_four(cls, value: int) -> int:
+        if value % 4:
+            raise PydanticCustomError("divisible", "must be divisible by 4 (the 2D positional encoding splits it in four)")
+        return value
 
 
-@dataclass
-class WhiteningConfig:
+class WhiteningConfig(Section):
     """Whitening adapter (outline 3.3.1): parameter-free LayerNorm, then bounded per-task affine."""
 
-    gamma_range: tuple[float, float] = (0.5, 2.0)
-    beta_max: float = 2.0
-    first_task_gamma_raw: float = -0.7  # sigmoid(-0.7) * 1.5 + 0.5 ~= 1.0: starts near identity
+    gamma_range: tuple[Positive, Positive] = (0.5, 2.0)
+    """(low, high) of the per-task scale, 0 < low < high."""
+    beta_max: NonNegative = 2.0
+    first_task_gamma_raw: Number = -0.7
+    """sigmoid(-0.7) * 1.5 + 0.5 ~= 1.0: starts near identity."""
     later_task_init: Literal["midpoint", "from_first_task"] = "midpoint"
-    identity_reg_weight: float = 0.1
+    identity_reg_weight: NonNegative = 0.1
     identity_reg_tasks: Literal["first", "all"] = "first"
-    eps: float = 1e-5
+    eps: Positive = 1e-5
+
+    @field_validator("gamma_range")
+    @classmethod
+    def _low_below_high(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise PydanticCustomError("range", "must satisfy 0 < low < high")
+        return value
 
 
-@dataclass
-class SpatialMixerConfig:
-    """Spatial context mixer (outline 3.3.2): gated 3x3 depthwise convolution before the flow."""
+class SpatialMixerConfig(Section):
+    """Spatial context mixer (outline 3.3.2): gated depthwise convolution before the flow."""
 
-    kernel_size: int = 3
-    gate_init: float = 0.0  # sigmoid(0) = 0.5: original and context start balanced
-    gate: Literal["shared", "per_task"] = "shared"  # shared: trained on the first task, then frozen
+    kernel_size: Kernel = 3
+    gate_init: Number = 0.0
+    """sigmoid(0) = 0.5: original and context start balanced."""
+    gate: Literal["shared", "per_task"] = "shared"
+    """shared: trained on the first task, then frozen."""
 
 
-@dataclass
-class ScaleContextConfig:
+class ScaleContextConfig(Section):
     """Scale context (outline 3.3.3): projected multi-layer features, depthwise conv, added to F1."""
 
-    kernel_size: int = 3
+    kernel_size: Kernel = 3
 
 
-@dataclass
-class LoRAConfig:
+class LoRAConfig(Section):
     """Per-task low-rank adapters in every subnet linear: h = W x + b + scale * B A x + b_t."""
 
-    rank: int = 64
-    alpha: float = 1.0  # scale = alpha / rank
-    a_init: Literal["xavier_uniform", "normal"] = "xavier_uniform"  # normal: N(0, 1/rank)
-    task_bias: bool = True
+    rank: StrictInt = Field(64, ge=1)
+    alpha: Positive = 1.0
+    """scale = alpha / rank."""
+    a_init: Literal["xavier_uniform", "normal"] = "xavier_uniform"
+    """normal: N(0, 1/rank)."""
+    task_bias: bool = Field(True, strict=True)
 
 
-@dataclass
-class FlowConfig:
+class FlowConfig(Section):
     """The shared normalizing flow: AllInOne-style affine couplings with LoRA subnets."""
 
-    coupling_layers: int = 8
-    clamp: float = 1.9
+    coupling_layers: StrictInt = Field(8, ge=1)
+    clamp: Positive = 1.9
     subnet: Literal["mlp", "context"] = "mlp"
-    hidden_ratio: float = 2.0  # hidden width = hidden_ratio * (D / 2); v5: D/2 -> D -> D
-    context_kernel: int = 3  # context subnet only
-    context_alpha_max: float = 1.0  # context subnet only: ctx = alpha_max * sigmoid(theta) * dwconv(x1)
-    global_affine_init: float = 1.0
-    permutation_seed: int = 0
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    hidden_ratio: Positive = 2.0
+    """hidden width = hidden_ratio * (D / 2); v5: D/2 -> D -> D."""
+    context_kernel: Kernel = 3
+    """context subnet only."""
+    context_alpha_max: NonNegative = 1.0
+    """context subnet only: ctx = alpha_max * sigmoid(theta) * dwconv(x1)."""
+    global_affine_init: Positive = 1.0
+    permutation_seed: StrictInt = Field(0, ge=0)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
 
-@dataclass
-class DIAConfig:
+class DIAConfig(Section):
     """Deep invertible adapter (outline 3.4.3): per-task affine couplings after the flow."""
 
-    blocks: int = 2
-    hidden_ratio: float = 0.5  # hidden width = hidden_ratio * D
-    clamp: float = 1.9
+    blocks: StrictInt = Field(2, ge=1)
+    """switch the adapter off with model.dia=null rather than 0 blocks."""
+    hidden_ratio: Positive = 0.5
+    """hidden width = hidden_ratio * D."""
+    clamp: Positive = 1.9
 
 
-@dataclass
-class ModelConfig:
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    positional_encoding: bool = True
+class ModelConfig(Section):
+    """The model: backbone, adapters around the flow, the flow itself. A null section is switched off."""
+
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    positional_encoding: bool = Field(True, strict=True)
     scale_context: ScaleContextConfig | None = None
-    whitening: WhiteningConfig | None = field(default_factory=WhiteningConfig)
-    spatial_mixer: SpatialMixerConfig | None = field(default_factory=SpatialMixerConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    dia: DIAConfig | None = field(default_factory=DIAConfig)
+    whitening: WhiteningConfig | None = Field(default_factory=WhiteningConfig)
+    spatial_mixer: SpatialMixerConfig | None = Field(default_factory=SpatialMixerConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    dia: DIAConfig | None = Field(default_factory=DIAConfig)
+
+    @model_validator(mode="after")
+    def _scale_context_needs_cnn(self) -> ModelConfig:
+        # the scale context needs the raw multi-layer maps; every CNN backbone provides them
+        if self.scale_context is not None and self.backbone.name.startswith("vit"):
+            raise PydanticCustomError(
+                "backbone",
+                "needs a CNN backbone with multiple layers, not a ViT (set model.scale_context=null)",
+                {"field": "scale_context"},
+            )
+        return self
 
 
-@dataclass
-class LossConfig:
+class LossConfig(Section):
     """Training objective (outline 3.5): tail-aware NLL plus regularisers.
 
     ``tail_scope``: ``per_image`` takes the top ``ceil(k * H * W)`` patches of each image (outline);
@@ -132,136 +198,155 @@ class LossConfig:
     ``logdet_weight`` multiplies ``mean over patches of logdet**2`` (the authors' public form).
     """
 
-    tail_weight: float = 0.3
-    tail_top_k: float = 0.05
+    tail_weight: UnitInterval = 0.3
+    tail_top_k: Fraction = 0.05
     tail_scope: Literal["per_image", "batch"] = "per_image"
-    logdet_weight: float = 3e-5
+    logdet_weight: NonNegative = 3e-5
 
 
-@dataclass
-class EarlyStoppingConfig:
+class EarlyStoppingConfig(Section):
     """Stop a task's training when the mean patch NLL of held-out normals stops improving.
 
-    Needs held-out features (``ContinualTrainer.learn_task(..., validation=...)``; the lifecycle's
-    calibration share of the training normals); the task keeps the parameters of its best epoch.
+    Needs held-out features (``ContinualTrainer.learn_task(..., validation=...)``; the detector passes the
+    calibration normals it holds out of training); the task keeps the parameters of its best epoch.
     """
 
-    patience: int = 3  # epochs without an improvement of more than min_delta before stopping
-    min_delta: float = 0.0  # nats per patch
-    min_epochs: int = 1  # never stop before this many epochs
+    patience: StrictInt = Field(3, ge=1)
+    """epochs without an improvement of more than min_delta before stopping."""
+    min_delta: NonNegative = 0.0
+    """nats per patch."""
+    min_epochs: StrictInt = Field(1, ge=1)
+    """never stop before this many epochs."""
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
+    """Optimisation of each task (outline: implementation defaults, optimizer details)."""
+
     optimizer: Literal["adamp", "adamw"] = "adamp"
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    adamp_delta: float = 0.1
-    adamp_wd_ratio: float = 0.1
+    lr: Positive = 2e-4
+    weight_decay: NonNegative = 0.01
+    betas: tuple[Decay, Decay] = (0.9, 0.999)
+    eps: Positive = 1e-8
+    adamp_delta: Positive = 0.1
+    adamp_wd_ratio: NonNegative = 0.1
     scheduler: Literal["cosine", "constant"] = "cosine"
-    epochs: int = 60
-    batch_size: int = 16
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    # learning-rate multiplier per parameter group (see MoLEFlow.parameter_groups)
-    lr_multipliers: dict[str, float] = field(
+    epochs: StrictInt = Field(60, ge=1)
+    batch_size: StrictInt = Field(16, ge=1)
+    grad_clip: Positive | None = 1.0
+    """global-norm gradient clipping; null disables it."""
+    seed: StrictInt = Field(0, ge=0)
+    lr_multipliers: dict[str, NonNegative] = Field(
         default_factory=lambda: {"base": 1.0, "lora": 1.0, "whitening": 1.0, "mixer": 1.0, "dia": 0.5}
     )
-    # frozen_after_first: MoLE-Flow.  always_trainable: the unfrozen-base baseline (forgets).
+    """learning-rate multiplier per parameter group (see MoLEFlow.parameter_groups)."""
     base_policy: Literal["frozen_after_first", "always_trainable"] = "frozen_after_first"
-    # share of each image's patches the flow is trained on per step (a fresh random subset every step,
-    # after the positional encoding, whitening and spatial mixer have seen the whole grid); 1 = all
-    patch_fraction: float = 1.0
+    """frozen_after_first: MoLE-Flow.  always_trainable: the unfrozen-base baseline (forgets)."""
+    patch_fraction: Fraction = 1.0
+    """share of each image's patches the flow is trained on per step (a fresh random subset every step, after
+    the positional encoding, whitening and spatial mixer have seen the whole grid); 1 = all."""
     early_stopping: EarlyStoppingConfig | None = None
-    # optimizer steps per task: when set, each task trains round(steps / batches per epoch) epochs (at least
-    # 1) instead of ``epochs``, so every product costs about the same and a small one still gets enough steps
-    steps: int | None = None
+    """stop a task on the held-out NLL (see EarlyStoppingConfig); null: every epoch runs."""
+    steps: StrictInt | None = Field(None, ge=1)
+    """optimizer steps per task: when set, each task trains round(steps / batches per epoch) epochs (at least 1)
+    instead of ``epochs``, so every product costs about the same and a small one still gets enough steps."""
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _known_groups(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(PARAMETER_GROUPS))
+        if unknown:
+            raise PydanticCustomError(
+                "group", "has unknown groups {unknown}; known: {known}", {"unknown": unknown, "known": PARAMETER_GROUPS}
+            )
+        return value
 
 
-@dataclass
-class RouterConfig:
-    """Task prototypes and the routing decision (see ``moleflow.routing``).
-
-    ``feature``: ``patch_mean`` (mean of the position-encoded patches, one vector per image), ``backbone_pooled``
-    (the backbone's final-layer image feature), or ``patch_gaussian``: each task keeps a Gaussian of its single
-    patch features (thousands of samples per task) and an image goes to the task under which its patches have
-    the lowest mean negative log-likelihood (``metric`` must then be ``mahalanobis``).
-    ``covariance`` (Mahalanobis): each task's own (``per_task``), or ``pooled``: one covariance for all, the
-    mean of the tasks' (shrunk) covariances, as in linear discriminant analysis.
-    """
+class RouterConfig(Section):
+    """Prototype router (outline 3.6.1): per-task feature mean and covariance, nearest task wins (see
+    ``moleflow.routing``)."""
 
     metric: Literal["mahalanobis", "euclidean"] = "mahalanobis"
-    covariance_reg: float = 1e-5
-    shrinkage: Literal["none", "oas"] = "none"  # oas: well-conditioned when images < feature dims
-    covariance: Literal["per_task", "pooled"] = "per_task"
+    covariance_reg: NonNegative = 1e-5
+    shrinkage: Literal["none", "oas"] = "none"
+    """oas: well-conditioned when images < feature dims."""
+    covariance: Literal["own", "pooled"] = "own"
+    """Mahalanobis routing: each task's own covariance (the spec), or ``pooled``: one covariance for all, the mean
+    of the tasks' (shrunk) covariances, as in linear discriminant analysis. The routing distance an unknown
+    product is judged by is always measured with the routed task's own covariance."""
     feature: Literal["patch_mean", "backbone_pooled", "patch_gaussian"] = "patch_mean"
+    """patch_mean: mean of the position-encoded patches (one vector per image); backbone_pooled: the backbone's
+    final-layer image feature; patch_gaussian: each task keeps a Gaussian of its single patch features and an
+    image goes to the task under which its patches have the lowest mean negative log-likelihood."""
 
-
-@dataclass
-class ScoringConfig:
-    aggregation: Literal["top_k", "mean", "max"] = "top_k"
-    top_k: int = 3
-    smoothing_sigma: float = 4.0  # Gaussian sigma in pixels of the input image; 0 disables
-
-
-@dataclass
-class MoleFlowConfig:
-    preset: str = "offline"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    device: str = "auto"
-    schema_version: int = SCHEMA_VERSION
-
-    def validate(self) -> MoleFlowConfig:
-        """Raise :class:`ConfigError` on values the method cannot run with."""
-        d = self.model.backbone.embed_dim
-        if d % 4:
-            raise ConfigError(f"model.backbone.embed_dim must be divisible by 4 (2D positional encoding), got {d}")
-        k = self.model.backbone.local_aggregation
-        if k < 1 or k % 2 == 0:
-            raise ConfigError(f"model.backbone.local_aggregation must be an odd kernel size >= 1 (1 = off), got {k}")
-        if self.model.flow.lora.rank < 1:
-            raise ConfigError("model.flow.lora.rank must be >= 1")
-        if not 0.0 <= self.loss.tail_weight <= 1.0:
-            raise ConfigError(f"loss.tail_weight must lie in [0, 1], got {self.loss.tail_weight}")
-        if not 0.0 < self.loss.tail_top_k <= 1.0:
-            raise ConfigError(f"loss.tail_top_k is a fraction in (0, 1], got {self.loss.tail_top_k}")
-        if not 0.0 < self.train.patch_fraction <= 1.0:
-            raise ConfigError(f"train.patch_fraction is a fraction in (0, 1], got {self.train.patch_fraction}")
-        if self.train.steps is not None and self.train.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1 (or null for train.epochs), got {self.train.steps}")
-        es = self.train.early_stopping
-        if es is not None and (es.patience < 1 or es.min_epochs < 1):
-            raise ConfigError("train.early_stopping.patience and min_epochs must be >= 1")
-        if self.router.feature == "patch_gaussian" and self.router.metric != "mahalanobis":
-            raise ConfigError(
-                "router.feature=patch_gaussian routes by the patches' Gaussian NLL: set router.metric=mahalanobis"
+    @model_validator(mode="after")
+    def _metric_fits_the_feature(self) -> RouterConfig:
+        if self.feature == "patch_gaussian" and self.metric != "mahalanobis":
+            raise PydanticCustomError(
+                "router",
+                "patch_gaussian routes by the patches' Gaussian NLL: set router.metric=mahalanobis",
+                {"field": "feature"},
             )
-        if self.router.covariance == "pooled" and (
-            self.router.metric != "mahalanobis" or self.router.feature == "patch_gaussian"
-        ):
-            raise ConfigError("router.covariance=pooled needs router.metric=mahalanobis and an image-level router.feature")
-        if self.scoring.top_k < 1:
-            raise ConfigError("scoring.top_k must be >= 1")
-        lo, hi = self.model.whitening.gamma_range if self.model.whitening else (0.5, 2.0)
-        if not 0 < lo < hi:
-            raise ConfigError(f"model.whitening.gamma_range must satisfy 0 < low < high, got {(lo, hi)}")
-        unknown = set(self.train.lr_multipliers) - set(PARAMETER_GROUPS)
-        if unknown:
-            raise ConfigError(f"train.lr_multipliers has unknown groups {sorted(unknown)}; known: {PARAMETER_GROUPS}")
-        if self.model.scale_context is not None and not self.model.backbone.name.startswith("wide_resnet"):
-            # the scale context needs the raw multi-layer maps; every CNN backbone provides them
-            if self.model.backbone.name.startswith("vit"):
-                raise ConfigError("model.scale_context needs a CNN backbone with multiple layers, not a ViT")
+        if self.covariance == "pooled" and (self.metric != "mahalanobis" or self.feature == "patch_gaussian"):
+            raise PydanticCustomError(
+                "router",
+                "pooled needs router.metric=mahalanobis and an image-level router.feature (patch_mean or backbone_pooled); "
+                "set router.covariance=own for the others",
+                {"field": "covariance"},
+            )
         return self
 
 
-PARAMETER_GROUPS = ("base", "lora", "whitening", "mixer", "dia")
+class ScoringConfig(Section):
+    """From patch scores to an image score and a heatmap (outline 3.7.3)."""
+
+    aggregation: Literal["top_k", "mean", "max"] = "top_k"
+    top_k: StrictInt = Field(3, ge=1)
+    smoothing_sigma: NonNegative = 4.0
+    """Gaussian sigma in pixels of the input image; 0 disables."""
+
+
+class CalibrationConfig(Section):
+    """Thresholds set on normal images a product did not train on (moleflow.calibration)."""
+
+    holdout: float = Field(0.2, ge=0.0, lt=1.0)
+    """share of a product's training normals held out of training to calibrate on (evenly spaced in file-name
+    order), unless calibration images are given."""
+    image_fpr: float = Field(0.01, gt=0.0, lt=0.5)
+    """target false-alarm rate of the image verdict on normal images."""
+    pixel_fpr: float = Field(0.01, gt=0.0, lt=0.5)
+    """target false-alarm rate of the defect-mask pixels on normal images."""
+    unknown_fpr: float = Field(0.01, gt=0.0, lt=0.5)
+    """target rate of a product's normals beyond its routing-distance reference."""
+    unknown_margin: float = Field(10.0, ge=1.0)
+    """an image is an unknown product only beyond this multiple of that reference: defective parts of a known
+    product lie farther than its normals too, other products much farther (docs/RESULTS.md, "Unknown products")."""
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+class MoleFlowConfig(Section):
+    """A moleflow config: ``moleflow config PRESET`` prints one with every default written out."""
+
+    preset: PresetName = "offline"
+    """the preset a YAML file starts from; its own values are laid over it."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    device: str = Field("auto", json_schema_extra={"pattern": f"^({_DEVICE.pattern})$"})
+    """auto (CUDA when available), cpu, cuda, cuda:N, mps or xpu[:N]."""
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise PydanticCustomError("device", "must be auto, cpu, cuda, cuda:N, mps or xpu[:N]")
+        return value
+
 
 # ----------------------------------------------------------------------------- presets
 
@@ -326,7 +411,9 @@ def _offline() -> MoleFlowConfig:
         ),
         loss=LossConfig(tail_weight=0.3, tail_top_k=0.05, tail_scope="per_image", logdet_weight=3e-5),
         train=TrainConfig(optimizer="adamp", lr=5e-4, weight_decay=0.01, scheduler="cosine", epochs=40),
-        router=RouterConfig(feature="patch_mean", shrinkage="oas"),
+        # pooled covariance (LDA): 93.5 -> 99.3 % of the six study tasks' test images routed right, the gain all on
+        # defective images (benchmarks/routing_study.py)
+        router=RouterConfig(feature="patch_mean", shrinkage="oas", covariance="pooled"),
     )
 
 
@@ -336,7 +423,7 @@ PRESETS: dict[str, typing.Callable[[], MoleFlowConfig]] = {"paper": _paper, "v5"
 def preset(name: str) -> MoleFlowConfig:
     """A fresh copy of a named preset."""
     try:
-        return PRESETS[name]().validate()
+        return PRESETS[name]()
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or give a YAML file") from None
 
@@ -344,117 +431,19 @@ def preset(name: str) -> MoleFlowConfig:
 # ----------------------------------------------------------------------------- (de)serialisation
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict with tuples as lists (YAML- and JSON-safe)."""
+def config_from_dict(data: Mapping[str, Any], source: str = "") -> MoleFlowConfig:
+    """Resolve a config mapping: start from its ``preset`` (default ``offline``), then apply its values.
 
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(cfg)
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    """``X | None`` -> (X, True); anything else -> (tp, False)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-    return tp, False
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    tp, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where} may not be null")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{where} must be one of {list(allowed)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{where} must have {len(args)} entries, got {value!r}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=False)))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        _, vt = typing.get_args(tp)
-        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise, missing keys keep defaults."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where}; known keys: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def config_from_dict(data: Mapping[str, Any]) -> MoleFlowConfig:
-    """Resolve a config mapping: start from its ``preset`` (default ``offline``), then apply its values."""
-    data = dict(data)
+    ``source`` (a file name) starts every error line.
+    """
+    lead = f"{source}: " if source else ""
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        raise ConfigError(f"config schema_version {version} is not supported (this moleflow reads {SCHEMA_VERSION})")
-    base = preset(str(data.get("preset", "offline")))
-    merged = _deep_merge(to_dict(base), data)
-    return from_dict(MoleFlowConfig, merged).validate()
-
-
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+        raise ConfigError(f"{lead}config schema_version {version!r} is not supported (this moleflow reads {SCHEMA_VERSION})")
+    name = data.get("preset", "offline")
+    if name not in PRESETS:
+        raise ConfigError(f"{lead}preset: must be one of {', '.join(map(repr, PRESETS))}, got {name!r}")
+    return MoleFlowConfig.parse(deep_merge(to_dict(preset(name)), data), source)
 
 
 def load_config(source: str | Path) -> MoleFlowConfig:
@@ -463,17 +452,19 @@ def load_config(source: str | Path) -> MoleFlowConfig:
         return preset(source)
     path = Path(source)
     if not path.is_file():
-        raise ConfigError(f"{source!r} is neither a preset ({sorted(PRESETS)}) nor a YAML file that exists")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file ({what})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
-    return config_from_dict(data)
+    return config_from_dict(data, str(path))
 
 
 def dump_yaml(cfg: MoleFlowConfig) -> str:
+    """The config as YAML, every default written out; :func:`load_config` reads it back unchanged."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
@@ -485,21 +476,14 @@ def apply_overrides(cfg: MoleFlowConfig, overrides: Iterable[str]) -> MoleFlowCo
     """
     data = to_dict(cfg)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
-        parts = key.strip().split(".")
-        node: Any = data
-        cls: Any = MoleFlowConfig
-        for depth, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"override {key!r}: no section {'.'.join(parts[: depth + 1])!r}")
-            field_type, _ = _strip_optional(typing.get_type_hints(cls)[part])
-            if node[part] is None and dataclasses.is_dataclass(field_type):
-                node[part] = to_dict(field_type())
-            node, cls = node[part], field_type
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"override {key!r}: unknown key; see `moleflow config show` for the keys")
-        node[parts[-1]] = value
-    return from_dict(MoleFlowConfig, data).validate()
+        set_dotted(data, MoleFlowConfig, *parse_override(item))
+    return MoleFlowConfig.parse(data)
+
+
+def schema_text() -> str:
+    """The JSON schema of a config file, as committed in ``docs/config.schema.json`` (``make schema``)."""
+    return json_schema_text(MoleFlowConfig)
+
+
+if __name__ == "__main__":  # python -m moleflow.config > docs/config.schema.json
+    print(schema_text(), end="")

@@ -22,26 +22,31 @@ def patch_nll(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
     return 0.5 * z.pow(2).sum(dim=-1) - logdet + 0.5 * dim * math.log(2.0 * math.pi)
 
 
-def tail_aware_loss(nll: torch.Tensor, tail_weight: float, top_fraction: float, scope: str = "per_image") -> torch.Tensor:
-    """``(1 - lambda) * mean(nll) + lambda * mean(top-k% of nll)`` for ``nll (B, H, W)``.
+def tail_mean(nll: torch.Tensor, top_fraction: float, scope: str = "per_image") -> torch.Tensor:
+    """Mean of the top-k% of ``nll (B, H, W)``.
 
     ``per_image``: the top ``ceil(k * H * W)`` patches of each image, averaged over images (outline).
     ``batch``: the top ``max(1, floor(k * B * H * W))`` patches of the whole batch (v5 code).
     """
-    mean = nll.mean()
-    if tail_weight == 0.0:
-        return mean
     if scope == "per_image":
         flat = nll.flatten(1)
         k = max(1, math.ceil(top_fraction * flat.shape[1]))
-        tail = flat.topk(k, dim=1).values.mean()
-    elif scope == "batch":
+        return flat.topk(k, dim=1).values.mean()
+    if scope == "batch":
         flat = nll.flatten()
         k = max(1, int(top_fraction * flat.numel()))
-        tail = flat.topk(k).values.mean()
-    else:
-        raise ValueError(f"unknown tail scope {scope!r}; use 'per_image' or 'batch'")
-    return (1.0 - tail_weight) * mean + tail_weight * tail
+        return flat.topk(k).values.mean()
+    raise ValueError(f"unknown tail scope {scope!r}; use 'per_image' or 'batch'")
+
+
+def tail_aware_loss(nll: torch.Tensor, tail_weight: float, top_fraction: float, scope: str = "per_image") -> torch.Tensor:
+    """``(1 - lambda) * mean(nll) + lambda * tail_mean(nll)`` for ``nll (B, H, W)`` (see :func:`tail_mean`)."""
+    mean = nll.mean()
+    if tail_weight == 0.0:
+        if scope not in ("per_image", "batch"):
+            raise ValueError(f"unknown tail scope {scope!r}; use 'per_image' or 'batch'")
+        return mean
+    return (1.0 - tail_weight) * mean + tail_weight * tail_mean(nll, top_fraction, scope)
 
 
 def logdet_penalty(logdet: torch.Tensor) -> torch.Tensor:

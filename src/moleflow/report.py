@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from moleflow.evaluation.protocol import METRIC_NAMES
 from moleflow.visualize import (
     atomic_write,
     draw_mask_contour,
@@ -23,14 +24,34 @@ from moleflow.visualize import (
     save_figure,
 )
 
-__all__ = ["METRICS", "TaskExamples", "format_summary_table", "pct", "write_report"]
+__all__ = ["METRICS", "TaskExamples", "format_summary_table", "pct", "text_table", "write_report"]
 
-METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+METRICS = METRIC_NAMES
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
     "pixel_auroc": "Pixel AUROC",
     "pixel_ap": "Pixel AP",
     "aupro": "AUPRO",
+    "image_ap": "Image AP",
+    "image_f1_max": "Image F1-max",
+    "pixel_f1_max": "Pixel F1-max",
+    "pro_at_threshold": "PRO at threshold",
+}
+# Column heads of the plain-text summary: the first four always, the others when results carry them.
+SUMMARY_COLUMNS = (
+    ("image_auroc", "img AUROC"),
+    ("pixel_auroc", "pix AUROC"),
+    ("pixel_ap", "pix AP"),
+    ("aupro", "AUPRO"),
+    ("image_ap", "img AP"),
+    ("image_f1_max", "img F1"),
+    ("pixel_f1_max", "pix F1"),
+    ("pro_at_threshold", "PRO@thr"),
+)
+OPERATING_POINT_TITLES = {
+    "image_f1_threshold": "Image F1-max threshold",
+    "pixel_f1_threshold": "Pixel F1-max threshold",
+    "pro_threshold": "PRO threshold",
 }
 NULL = "–"
 
@@ -178,6 +199,53 @@ def _routing_section(results: dict, figure: str | None) -> list[str]:
     return lines
 
 
+def _calibration_section(results: dict) -> list[str]:
+    """Per product: how its thresholds were set, and what they gave on its test set."""
+    calibration = results.get("calibration")
+    if not calibration:
+        return []
+    rows = []
+    for task in results["tasks"]:
+        cal = calibration.get(task) or {}
+        test = cal.get("test") or {}
+        rows.append(
+            [
+                task,
+                f"{cal.get('method', NULL)} ({_count(cal.get('images'))} images)",
+                "manual" if cal.get("image_fpr") is None else f"{100 * cal['image_fpr']:g}",
+                _num(cal.get("image_threshold"), "{:.4g}"),
+                pct(test.get("recall")),
+                pct(test.get("false_alarm_rate")),
+                pct(test.get("unknown_rate")),
+            ]
+        )
+    header = ["Task", "Calibrated on", "Target FPR %", "Threshold", "Recall %", "False alarms %", "Unknown %"]
+    intro = [
+        "## Calibration",
+        "",
+        "Each product's image threshold is set on normal images it did not train on, to a target false-alarm rate;",
+        "recall, false alarms and images rejected as an unknown product are what it gives on the product's test set.",
+        "",
+    ]
+    return intro + _md_table(header, rows)
+
+
+def _operating_points_section(results: dict) -> list[str]:
+    points = results.get("operating_points")
+    if not points:
+        return []
+    names = list(OPERATING_POINT_TITLES) + sorted({k for p in points.values() for k in p} - set(OPERATING_POINT_TITLES))
+    names = [n for n in names if any(n in p for p in points.values())]
+    rows = [[t] + [_num((points.get(t) or {}).get(n), "{:.4g}") for n in names] for t in results["tasks"]]
+    lines = [
+        "## Operating points",
+        "",
+        "Score thresholds (routed, after the last task): where F1 peaks, and where PRO was taken.",
+        "",
+    ]
+    return lines + _md_table(["Task"] + [OPERATING_POINT_TITLES.get(n, n) for n in names], rows)
+
+
 def _timing_section(results: dict) -> list[str]:
     timing = results.get("timing")
     if not timing:
@@ -303,20 +371,28 @@ def _histogram_figure(ex: TaskExamples, path: Path) -> bool:
     return True
 
 
+FIGURE_KINDS = ("examples", "scores")
+
+
 def _examples_section(results: dict, examples: dict[str, TaskExamples], fig_dir: Path) -> list[str]:
+    """Figures of every task: drawn anew from ``examples`` where given, else the ones already on disk
+    (a product not evaluated by this command keeps its figures); figures of other tasks are deleted."""
     tasks = list(results["tasks"])
-    order = [t for t in tasks if t in examples] + [t for t in examples if t not in tasks]
-    if not order:
-        return []
+    for kind in FIGURE_KINDS:
+        for stale in fig_dir.glob(f"{kind}_*.png"):
+            if stale.stem[len(kind) + 1 :] not in tasks:
+                stale.unlink(missing_ok=True)
     lines = ["## Examples", ""]
-    for task in order:
-        ex = examples[task]
-        lines += [f"### {task}", ""]
-        if _examples_figure(ex, fig_dir / f"examples_{task}.png"):
-            lines += [f"![{task} examples](figures/examples_{task}.png)", ""]
-        if _histogram_figure(ex, fig_dir / f"scores_{task}.png"):
-            lines += [f"![{task} score histogram](figures/scores_{task}.png)", ""]
-    return lines
+    for task in tasks:
+        ex = examples.get(task)
+        if ex is not None:
+            _examples_figure(ex, fig_dir / f"examples_{task}.png")
+            _histogram_figure(ex, fig_dir / f"scores_{task}.png")
+        shown = [k for k in FIGURE_KINDS if (fig_dir / f"{k}_{task}.png").is_file()]
+        if shown:
+            lines += [f"### {task}", ""]
+            lines += [f"![{task} {kind}](figures/{kind}_{task}.png)" for kind in shown] + [""]
+    return lines if len(lines) > 2 else []
 
 
 # ---------------------------------------------------------------- public API
@@ -345,8 +421,10 @@ def write_report(run_dir: Path, results: dict, examples: dict[str, TaskExamples]
     lines += _summary_section(results)
     lines += _matrix_section((results.get("metrics") or {}).get("image_auroc"), tasks, "routed")
     lines += _matrix_section((results.get("metrics_oracle") or {}).get("image_auroc"), tasks, "oracle")
+    lines += _operating_points_section(results)
     lines += _forgetting_section(results)
     lines += _routing_section(results, confusion_fig)
+    lines += _calibration_section(results)
     lines += _timing_section(results)
     lines += _params_section(results)
     lines += _examples_section(results, examples, fig_dir)
@@ -356,31 +434,34 @@ def write_report(run_dir: Path, results: dict, examples: dict[str, TaskExamples]
 
 
 def format_summary_table(results: dict) -> str:
-    """Fixed-width plain-text table of final per-task metrics (%), a mean row and the routing accuracy."""
+    """Fixed-width plain-text table of final per-task metrics (%), a mean row and the routing accuracy.
+
+    The four metrics of the first release are always columns; image AP, F1-max and PRO at the threshold
+    join them when the results carry them (older results.json files have only the four).
+    """
     routed, oracle = results.get("metrics") or {}, results.get("metrics_oracle") or {}
-    columns = [
-        (routed, m, head)
-        for m, head in (
-            ("image_auroc", "img AUROC"),
-            ("pixel_auroc", "pix AUROC"),
-            ("pixel_ap", "pix AP"),
-            ("aupro", "AUPRO"),
-        )
-    ]
+    columns = [(routed, m, head) for k, (m, head) in enumerate(SUMMARY_COLUMNS) if k < 4 or m in routed]
     columns.append((oracle, "image_auroc", "oracle img"))
     tasks = list(results["tasks"])
     rows = [[t] + [pct(_at((sec.get(m) or {}).get("final"), j)) for sec, m, _ in columns] for j, t in enumerate(tasks)]
     rows.append(["mean"] + [pct((sec.get(m) or {}).get("final_mean")) for sec, m, _ in columns])
     header = ["task"] + [head for _, _, head in columns]
-    first = max(len(r[0]) for r in [header, *rows])
-    widths = [first] + [max(len(head), 6) for head in header[1:]]
-
-    def fmt(row: list[str]) -> str:
-        cells = [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        return "  ".join([row[0].ljust(widths[0]), *cells])
-
-    rule = "-" * len(fmt(header))
-    lines = [fmt(header), rule, *(fmt(r) for r in rows[:-1]), rule, fmt(rows[-1])]
+    lines = text_table(header, rows, rule_before_last=True).splitlines()
     accuracy = (results.get("routing") or {}).get("accuracy")
     lines.append(f"routing accuracy: {pct(accuracy)}{'%' if _is_number(accuracy) else ''}")
     return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], rule_before_last: bool = False) -> str:
+    """Fixed-width plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: Sequence[str]) -> str:
+        cells = [str(c).rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        return "  ".join([str(row[0]).ljust(widths[0]), *cells]).rstrip()
+
+    rule = "-" * len(fmt(header))
+    body = [fmt(r) for r in rows]
+    if rule_before_last and body:
+        body.insert(len(body) - 1, rule)
+    return "\n".join([fmt(header), rule, *body])

@@ -23,6 +23,8 @@ inverse of the mean of the tasks' covariances (each task weighs the same). A tas
 task of broad spread claim images that fit no task well (defective cells of one solar-cell line going to
 the other); one shared metric does not. Queries whiten once (``G^2``) and compare with the whitened means
 (``T * G``), so routing stays cheap at many tasks; adding a task inverts its precision once (``G^3``).
+Pooling decides the route only: the distance reported for the routed task (:meth:`Router.distance_to`, what
+a product's unknown-product threshold is calibrated on) is always measured with that task's own precision.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ class Router:
         self._index = self._log_dets = self._pooled = None
 
     def remove(self, task: str) -> None:
+        if task not in self.tasks:
+            raise KeyError(f"the router has no prototype for {task!r}; it has {self.tasks}")
         i = self.tasks.index(task)
         keep = [j for j in range(len(self.tasks)) if j != i]
         self.means, self.precisions = self.means[keep], self.precisions[keep]
@@ -127,10 +131,19 @@ class Router:
         self._factors.pop(name, None)
         self._covariances.pop(name, None)
         self._index = self._log_dets = self._pooled = None
+        if not self.tasks:
+            self.means = self.precisions = None
+
+    def prototype(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean (G,), precision (G, G))`` of ``task``."""
+        i = self.tasks.index(task)
+        return self.means[i].clone(), self.precisions[i].clone()
 
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(C (G, G), whitened means (T, G))``: ``C C^T`` = the mean of the tasks' covariances (lower
         Cholesky factor), whitened means ``C^-1 mu_t``; then ``d_t(x) = ||C^-1 x - C^-1 mu_t||^2``."""
+        if not self.tasks:
+            raise RuntimeError("the router has no tasks yet")
         if self._pooled is None:
             for task, precision in zip(self.tasks, self.precisions, strict=True):
                 if task not in self._covariances:  # inverted once per task
@@ -148,10 +161,7 @@ class Router:
 
     def patch_nll(self, patches: torch.Tensor) -> torch.Tensor:
         """Mean patch Gaussian NLL ``(B, T)`` (without ``G/2 log 2 pi``) of ``patches (B, n, G)``."""
-        x = patches.detach().to(torch.float64)
-        xbar = x.mean(dim=1)  # (B, G)
-        centred = x - xbar[:, None]
-        scatter = centred.transpose(1, 2) @ centred / x.shape[1]  # (B, G, G) biased patch covariance
+        xbar, scatter = _patch_moments(patches.to(self.means.device))
         trace = scatter.flatten(1) @ self.precisions.flatten(1).T  # tr(P_t S_b), P symmetric
         diff = xbar[:, None, :] - self.means[None]  # (B, T, G)
         maha = torch.einsum("btg,tgh,bth->bt", diff, self.precisions, diff)
@@ -203,5 +213,42 @@ class Router:
             return torch.cdist(white, white_means).argmin(dim=1).to(features.device)
         return self.index(features.device).nearest(features.detach())[0]
 
+    def distance_to(self, features: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        """Squared distance ``(B,)`` of each image ``features (B, G)`` to the prototype ``task_index (B,)``,
+        always under that task's OWN precision (also when routing pools the covariances): a product's
+        unknown-product threshold is calibrated on this distance and must not move when other products are
+        added or removed. ``patch_gaussian``: the mean squared Mahalanobis distance of the image's patches
+        ``(B, n, G)`` to the task's patch Gaussian, ``2 * nll_t + log|P_t|`` (its mean patch NLL up to the
+        task's own constant, so non-negative and on the scale of the image-level distances)."""
+        if not self.tasks:
+            raise RuntimeError("the router has no tasks yet")
+        x = features.detach().to(device=self.means.device, dtype=torch.float64)
+        idx = task_index.to(self.means.device)
+        precision = self.precisions[idx]  # (B, G, G)
+        if self.cfg.feature == "patch_gaussian":
+            xbar, scatter = _patch_moments(x)
+            diff = xbar - self.means[idx]
+            return (scatter * precision).sum(dim=(1, 2)) + torch.einsum("bg,bgh,bh->b", diff, precision, diff)
+        diff = x - self.means[idx]
+        if self.cfg.metric == "euclidean":
+            return diff.pow(2).sum(dim=-1)
+        return torch.einsum("bg,bgh,bh->b", diff, precision, diff)
+
+    def nearest(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index (B,) long, squared distance (B,) float64)`` of the nearest prototype per image."""
+        index = self.route(features)
+        return index, self.distance_to(features, index)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """``means (T, G)`` and ``precisions (T, G, G)``; empty ``(0, 0)`` tensors when no task is left."""
+        if not self.tasks:
+            return {"means": torch.zeros(0, 0, dtype=torch.float64), "precisions": torch.zeros(0, 0, 0, dtype=torch.float64)}
         return {"means": self.means, "precisions": self.precisions}
+
+
+def _patch_moments(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``patches (B, n, G)`` -> ``(mean (B, G), biased covariance (B, G, G))``, float64."""
+    x = patches.detach().to(torch.float64)
+    xbar = x.mean(dim=1)
+    centred = x - xbar[:, None]
+    return xbar, centred.transpose(1, 2) @ centred / x.shape[1]

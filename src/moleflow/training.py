@@ -5,17 +5,20 @@ own parts (LoRA A/B and biases, whitening, DIA, a per-task mixer gate), so by co
 d(loss_t)/d(base) is never applied and earlier tasks cannot change. ``train.base_policy =
 "always_trainable"`` is the unfrozen baseline of the ablations (it forgets).
 
-Two levers trade training time against fit (``train`` section): ``patch_fraction`` trains the flow on a
-fresh random share of each image's patches per step (the flow scores patches independently, so this is
-an unbiased estimate of the full loss's mean term at a fraction of the cost), and ``early_stopping``
-ends a task when the NLL of held-out normals stops improving, keeping the best epoch's parameters.
+Levers that trade training time against fit (``train`` section, all off by default): ``patch_fraction``
+trains the flow on a fresh random share of each image's patches per step (the flow scores patches
+independently, so this is an unbiased estimate of the full loss's mean term at a fraction of the cost),
+``steps`` sets a per-task optimizer-step budget instead of ``epochs``, and ``early_stopping`` ends a task
+when the NLL of held-out normals stops improving, keeping the best epoch's parameters.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,8 +27,9 @@ from tqdm.auto import tqdm
 from moleflow.config import MoleFlowConfig, TrainConfig
 from moleflow.features.cache import CachedFeatures
 from moleflow.flow.model import FlowOutput, MoLEFlow
-from moleflow.losses import logdet_penalty, patch_nll, tail_aware_loss
+from moleflow.losses import logdet_penalty, patch_nll, tail_mean
 from moleflow.routing import PrototypeAccumulator, Router
+from moleflow.training_log import TrainingLogger
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +122,8 @@ def flow_on_patch_subset(
 ) -> FlowOutput:
     """``model(batch.patches, task, batch.context)`` on a random share of the patches: the grid-wide steps
     (positional encoding, scale context, whitening, spatial mixer) see the whole grid, the flow and the DIA,
-    which act on each patch alone, only the sampled ``(B, 1, K, D)``."""
+    which act on each patch alone, only the sampled ``(B, 1, K, D)`` (``fraction >= 1``: the plain forward,
+    ``generator`` untouched)."""
     if fraction >= 1.0:
         return model(batch.patches, task, batch.context)
     f3 = sample_patches(model.adapt(model.prepare(batch.patches, batch.context), task), fraction, generator)
@@ -129,50 +134,92 @@ def flow_on_patch_subset(
     return FlowOutput(z, logdet + dia_logdet, z0)
 
 
+def product_seed(seed: int, task: str) -> int:
+    """A seed for ``task``'s parts from the run seed and the task's name (stable across processes)."""
+    digest = int(hashlib.sha256(task.encode()).hexdigest()[:8], 16)
+    return (seed * 1_000_003 + digest) % 2**31
+
+
 class ContinualTrainer:
     def __init__(self, model: MoLEFlow, router: Router, cfg: MoleFlowConfig, device: torch.device | str = "cpu"):
         self.model, self.router, self.cfg = model, router, cfg
         self.device = torch.device(device)
 
     def objective(
-        self, batch: CachedFeatures, task: str, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self,
+        batch: CachedFeatures,
+        task: str,
+        *,
+        trains_base: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one batch of ``task``: tail-aware NLL + lambda_logdet * logdet^2 + whitening reg,
-        on the share ``train.patch_fraction`` of each image's patches (drawn from ``generator``)."""
+        on the share ``train.patch_fraction`` of each image's patches (drawn from ``generator``).
+
+        Returns the loss and its parts (detached scalars: ``nll`` mean, ``tail`` mean of the top patches,
+        ``logdet_penalty``, ``whitening_reg``; the last two unweighted). ``trains_base``: whether this task
+        trains the shared base (its whitening is then pulled towards identity under
+        ``identity_reg_tasks = "first"``); ``None``: it is the model's first task.
+        """
         lcfg, model = self.cfg.loss, self.model
         out = flow_on_patch_subset(model, batch, task, self.cfg.train.patch_fraction, generator)
         nll = patch_nll(out.z, out.logdet)
-        loss = tail_aware_loss(nll, lcfg.tail_weight, lcfg.tail_top_k, lcfg.tail_scope)
-        parts = {"nll": float(nll.detach().mean())}
+        mean = nll.mean()
+        parts = {"nll": mean.detach()}
+        loss = mean
+        if lcfg.tail_weight:
+            tail = tail_mean(nll, lcfg.tail_top_k, lcfg.tail_scope)
+            loss = (1.0 - lcfg.tail_weight) * mean + lcfg.tail_weight * tail
+            parts["tail"] = tail.detach()
         if lcfg.logdet_weight:
-            loss = loss + lcfg.logdet_weight * logdet_penalty(out.logdet)
+            penalty = logdet_penalty(out.logdet)
+            loss = loss + lcfg.logdet_weight * penalty
+            parts["logdet_penalty"] = penalty.detach()
         wcfg = model.cfg.whitening
-        if wcfg is not None and wcfg.identity_reg_weight and (wcfg.identity_reg_tasks == "all" or task == model.tasks[0]):
-            loss = loss + wcfg.identity_reg_weight * model.whitening[task].identity_penalty()
+        if trains_base is None:
+            trains_base = task == model.tasks[0]
+        if wcfg is not None and wcfg.identity_reg_weight and (wcfg.identity_reg_tasks == "all" or trains_base):
+            reg = model.whitening[task].identity_penalty()
+            loss = loss + wcfg.identity_reg_weight * reg
+            parts["whitening_reg"] = reg.detach()
         return loss, parts
 
     def learn_task(
-        self, task: str, features: CachedFeatures, progress: bool = True, validation: CachedFeatures | None = None
+        self,
+        task: str,
+        features: CachedFeatures,
+        *,
+        train_base: bool | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+        loggers: Sequence[TrainingLogger] = (),
+        validation: CachedFeatures | None = None,
     ) -> TaskTrainingReport:
         """Add ``task`` to the model, train its parts on ``features``, and give it a router prototype.
 
-        ``validation``: held-out normals of ``task`` (never trained on). Their mean patch NLL is recorded
-        after every epoch and drives ``train.early_stopping`` when that is configured.
+        ``train_base``: the shared base trains too; ``None``: when the model has no task yet, or always
+        under ``train.base_policy = "always_trainable"`` (the unfrozen baseline).
+        ``seed``: initialises the task's parts and orders its batches; ``None``: derived from the run seed
+        and the product's name (:func:`product_seed`), so a product's parameters do not depend on which
+        products came before it. ``loggers`` receive one record per epoch (moleflow.training_log).
+        ``validation``: held-out normals of ``task`` (never trained on); their mean patch NLL is recorded
+        after every epoch (``val_nll`` in the epoch record) and drives ``train.early_stopping`` when set.
         """
         tcfg = self.cfg.train
         start = time.perf_counter()
-        torch.manual_seed(tcfg.seed + len(self.model.tasks))  # initialisation of the new task's parts
-        first = not self.model.tasks
+        if train_base is None:
+            train_base = not self.model.tasks or tcfg.base_policy == "always_trainable"
+        seed = product_seed(tcfg.seed, task) if seed is None else seed
+        torch.manual_seed(seed)  # initialisation of the new task's parts
         self.model.add_task(task)
-        train_base = first or tcfg.base_policy == "always_trainable"
         self.model.set_trainable(task, train_base)
         groups = self.model.parameter_groups(task, train_base)
         trainable = [p for ps in groups.values() for p in ps]
         optimizer, report = build_optimizer(groups, tcfg), TaskTrainingReport(task)
         epochs = task_epochs(tcfg, len(features))
         scheduler = build_scheduler(optimizer, tcfg, epochs)
+        generator = torch.Generator().manual_seed(seed + 7919)  # batch order, then the patch subsets
         report.trainable_parameters = sum(p.numel() for p in trainable)
-        generator = torch.Generator().manual_seed(tcfg.seed + 7919 * len(self.model.tasks))
         stopper = _EarlyStopper(tcfg, trainable) if tcfg.early_stopping is not None and validation is not None else None
         if tcfg.early_stopping is not None and validation is None:
             log.warning("train.early_stopping is set but no held-out features were given: all %d epochs run", epochs)
@@ -185,14 +232,23 @@ class ContinualTrainer:
         )
         bar = tqdm(range(epochs), desc=f"train {task}", disable=not progress, leave=False)
         for epoch in bar:
-            self.model.train()
-            report.epoch_losses.append(self._epoch(task, features, optimizer, trainable, generator, epoch))
+            epoch_start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            self.model.train()  # again every epoch: the validation pass below switches to eval
+            means = self._epoch(task, features, optimizer, trainable, generator, epoch, train_base)
             scheduler.step()
+            report.epoch_losses.append(means["loss"])
             bar.set_postfix(loss=f"{report.epoch_losses[-1]:.3f}")
+            record = {"task": task, "epoch": epoch + 1, **means, "lr": lr}
+            stop = False
             if validation is not None:
                 report.validation_nll.append(self.validation_nll(task, validation))
-                if stopper is not None and stopper.stop(epoch, report.validation_nll[-1]):
-                    break
+                record["val_nll"] = report.validation_nll[-1]
+                stop = stopper is not None and stopper.stop(epoch, report.validation_nll[-1])
+            record["seconds"] = time.perf_counter() - epoch_start
+            for logger in loggers:
+                logger.log_epoch(record)
+            if stop:
+                break
         if stopper is not None:
             report.best_epoch = stopper.restore()
         self.model.set_trainable(None, train_base=False)
@@ -216,13 +272,15 @@ class ContinualTrainer:
         trainable: list[torch.nn.Parameter],
         generator: torch.Generator,
         epoch: int,
-    ) -> float:
-        """One pass over ``features`` in a random order; returns the image-weighted mean loss."""
+        train_base: bool,
+    ) -> dict[str, float]:
+        """One pass over ``features`` in a random order; the image-weighted means of the loss and its parts."""
         tcfg = self.cfg.train
-        total, count = 0.0, 0
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
         for batch in features.batches(tcfg.batch_size, shuffle=True, generator=generator):
             batch = batch.to(self.device)
-            loss, _ = self.objective(batch, task, generator=generator)
+            loss, parts = self.objective(batch, task, trains_base=train_base, generator=generator)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"task {task!r}, epoch {epoch}: loss is {loss.item()}; lower train.lr or check the features"
@@ -232,12 +290,14 @@ class ContinualTrainer:
             if tcfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
             optimizer.step()
-            total, count = total + loss.item() * len(batch), count + len(batch)
-        return total / max(1, count)
+            for key, value in {"loss": loss.detach(), **parts}.items():  # summed on the device, read once
+                sums[key] = sums.get(key, 0.0) + value * len(batch)
+            count += len(batch)
+        return {k: float(v) / max(1, count) for k, v in sums.items()}
 
     @torch.no_grad()
     def validation_nll(self, task: str, features: CachedFeatures, batch_size: int = 64) -> float:
-        """Mean patch NLL (nats) of ``features`` under ``task``, every patch, eval mode."""
+        """Mean patch NLL (nats) of ``features`` under ``task``: every patch, eval mode."""
         self.model.eval()
         total, count = 0.0, 0
         for batch in features.batches(batch_size):

@@ -8,8 +8,6 @@ nothing for the caller's own plots).
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -19,42 +17,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from moleflow.atomic import atomic_write
+from moleflow.maps import resize_map
+
 __all__ = [
     "atomic_write",
     "draw_mask_contour",
+    "draw_outline",
     "new_figure",
     "overlay_heatmap",
+    "product_scale",
     "resize_map",
     "save_figure",
     "save_png",
     "save_prediction_figure",
 ]
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def resize_map(amap: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Resize a 2-D map ``(h, w)`` to ``size = (H, W)`` (bilinear, or nearest for masks); float32 out."""
-    amap = np.asarray(amap, dtype=np.float32)
-    if amap.ndim != 2:
-        raise ValueError(f"expected a 2-D map (H, W), got shape {amap.shape}")
-    if amap.shape == tuple(size):
-        return amap
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    return np.asarray(Image.fromarray(amap, mode="F").resize((size[1], size[0]), resample), dtype=np.float32)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -116,23 +93,47 @@ def save_prediction_figure(
     amap: np.ndarray,
     path: str | os.PathLike[str],
     title: str,
-    vmin: float,
-    vmax: float,
-    mask: np.ndarray | None = None,
+    *,
+    center: float,
+    threshold: float,
+    defect: np.ndarray | None = None,
 ) -> Path:
-    """Panels image | heatmap overlay (| ground-truth mask contour), with ``title`` above; atomic PNG."""
+    """Panels image (predicted defect outlined) | heatmap on the product's own colour scale, atomic PNG.
+
+    The scale is the same for every image of a product: ``(amap - center) / (threshold - center)`` from
+    0 (a typical normal pixel) to 2, with the pixel threshold at 1, marked on the colour bar; so a normal
+    part looks calm and a broken one hot, instead of every map being stretched to its own range.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     image = _check_image(image)
-    panels = 3 if mask is not None else 2
-    fig = new_figure(2.6 * panels, 2.9)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    scaled = product_scale(amap, center, threshold)
+    fig = new_figure(5.6, 2.9)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
     axes[0].imshow(image)
-    axes[0].set_title("image", fontsize=8)
-    axes[1].imshow(overlay_heatmap(image, amap, vmin, vmax))
+    if defect is not None and np.any(defect):
+        draw_outline(axes[0], defect, image.shape[:2])
+    axes[0].set_title("image (predicted defect outlined)" if defect is not None else "image", fontsize=8)
+    axes[1].imshow(overlay_heatmap(image, scaled, 0.0, 2.0))
     axes[1].set_title("anomaly map", fontsize=8)
-    if mask is not None:
-        draw_mask_contour(axes[2], image, mask)
-        axes[2].set_title("ground truth", fontsize=8)
     for ax in axes:
         ax.set_axis_off()
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 2.0), cmap="jet"), ax=axes[1], fraction=0.046, pad=0.04)
+    bar.ax.axhline(1.0, color="white", linewidth=2.0)
+    bar.set_ticks([0.0, 1.0, 2.0], labels=["normal", "threshold", "2x"], fontsize=7)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def product_scale(amap: np.ndarray, center: float, threshold: float) -> np.ndarray:
+    """``(amap - center) / (threshold - center)``: 0 = a typical normal pixel, 1 = the pixel threshold."""
+    span = threshold - center if threshold > center else 1.0
+    return (np.asarray(amap, dtype=np.float32) - np.float32(center)) / np.float32(span)
+
+
+def draw_outline(ax: Axes, mask: np.ndarray, shape: tuple[int, int]) -> None:
+    """Outline the binary ``mask`` (resized nearest to ``shape``) in white over what ``ax`` shows."""
+    mask = resize_map(np.asarray(mask, dtype=np.float32), shape, nearest=True)
+    if 0 < mask.max() and mask.min() < mask.max():
+        ax.contour(mask > 0.5, levels=[0.5], colors="white", linewidths=1.2)

@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from moleflow.extras import MissingExtraError, require_extra
+
 # modules that provide ``register(subparsers: argparse._SubParsersAction) -> None``
 ANALYSIS_MODULES = (
     "moleflow.analysis.factorial",  # interaction (2x2 factorial + ANOVA), ablation
@@ -29,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # before the analysis modules are imported: they need statsmodels and pandas
+        require_extra("analysis", "moleflow analyze")
+    except MissingExtraError as e:
+        print(f"moleflow analyze: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:

@@ -26,7 +26,7 @@ def _config(source: str, overrides: list[str]):
 
 def cmd_lora(args: argparse.Namespace) -> int:
     from moleflow.analysis.lora_rank import run_lora_analysis
-    from moleflow.cli import DEMO_LIMITS, DEMO_TASKS
+    from moleflow.cli.protocol import DEMO_LIMITS, DEMO_TASKS
     from moleflow.data import parse_limits, resolve_tasks
 
     if args.quick:

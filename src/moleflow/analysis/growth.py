@@ -13,7 +13,6 @@ counts, checkpoint bytes and memory are those of a trained model. The closed for
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import resource
@@ -25,8 +24,8 @@ import numpy as np
 import torch
 
 from moleflow.analysis.outputs import markdown_table, write_analysis
-from moleflow.checkpoint import save_base, save_router, save_task
-from moleflow.config import FlowConfig, LoRAConfig, ModelConfig, MoleFlowConfig
+from moleflow.checkpoint import save_base, save_router, save_task, task_file
+from moleflow.config import FlowConfig, LoRAConfig, ModelConfig, MoleFlowConfig, replace
 from moleflow.flow.model import MoLEFlow
 from moleflow.routing import Router
 from moleflow.visualize import new_figure, save_figure
@@ -97,7 +96,7 @@ def backbone_dims(cfg: MoleFlowConfig) -> tuple[int | None, int]:
         return None, cfg.model.backbone.embed_dim
     from moleflow.features.extractor import FeatureExtractor
 
-    extractor = FeatureExtractor(dataclasses.replace(cfg.model.backbone, pretrained=False))
+    extractor = FeatureExtractor(replace(cfg.model.backbone, pretrained=False))
     router_dim = extractor.pooled_dim if cfg.router.feature == "backbone_pooled" else cfg.model.backbone.embed_dim
     return (extractor.context_dim if needs_context else None), router_dim
 
@@ -132,13 +131,13 @@ def measure_growth(cfg: MoleFlowConfig, max_tasks: int, workdir: Path) -> dict[s
         name = f"task{t:03d}"
         model.add_task(name)
         router.add(name, torch.zeros(router_dim), torch.eye(router_dim))
-        save_task(model, cfg, name, workdir / "checkpoints")
+        save_task(model, router, cfg, name, task_file(workdir / "checkpoints", name), "growth", name)
         task_bytes += (workdir / "checkpoints" / "tasks" / f"{name}.safetensors").stat().st_size
         if t == 1:
-            save_base(model, cfg, workdir / "checkpoints")
+            save_base(model, cfg, workdir / "checkpoints", base_id="growth")
         if t not in points:
             continue
-        save_router(router, cfg, workdir / "checkpoints")
+        save_router(router, cfg, workdir / "checkpoints", "growth", router.tasks)
         counts = model.parameter_counts()
         rows.append(
             {

@@ -21,7 +21,7 @@ import torch
 
 from moleflow.analysis.outputs import markdown_table, write_analysis
 from moleflow.analysis.stats import effective_rank
-from moleflow.config import MoleFlowConfig
+from moleflow.config import MoleFlowConfig, replace
 from moleflow.data.base import TaskData
 from moleflow.features.cache import CachedFeatures
 from moleflow.flow.lora import LoRALinear
@@ -154,7 +154,7 @@ def run_lora_analysis(
         raise ValueError("the LoRA rank analysis needs at least 2 tasks (the base changes only after the first)")
     if cfg.train.base_policy != "always_trainable":
         log.info("training the base on every task (train.base_policy=always_trainable) for this analysis")
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, base_policy="always_trainable"))
+        cfg = replace(cfg, train=replace(cfg.train, base_policy="always_trainable"))
     from moleflow.experiment import ContinualExperiment
 
     exp = ContinualExperiment(cfg, out, progress=progress, feature_cache=feature_cache)

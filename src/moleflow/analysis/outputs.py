@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from moleflow.experiment import write_json_atomic, write_text_atomic
+from moleflow.atomic import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,16 @@ log = logging.getLogger(__name__)
 
 def read_results(run: Path) -> dict[str, Any]:
     """``run`` is a run directory (with ``results.json``) or a results file."""
-    path = Path(run) / "results.json" if Path(run).is_dir() else Path(run)
+    from moleflow.rundir import RunDirectory
+
+    if Path(run).is_dir():
+        results = RunDirectory(run).read_results()
+        if results is None:
+            raise FileNotFoundError(
+                f"{Path(run) / 'results.json'} does not exist: give a run directory written by `moleflow train`"
+            )
+        return results
+    path = Path(run)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give a run directory written by `moleflow train`")
     try:

@@ -27,13 +27,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moleflow.analysis.outputs import write_json, write_text
-from moleflow.config import MoleFlowConfig, apply_overrides, dump_yaml
+from moleflow.config import MoleFlowConfig, apply_overrides, dump_yaml, replace
 from moleflow.data import TaskData, parse_limits, resolve_tasks
 from moleflow.evaluation.protocol import Matrix, final_mean, forgetting
+from moleflow.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ def execute_experiment(cfg: MoleFlowConfig, tasks: Sequence[TaskData], run_dir: 
     """Train and evaluate ``tasks`` in order with :class:`ContinualExperiment`; returns results.json."""
     from moleflow.experiment import ContinualExperiment
 
-    experiment = ContinualExperiment(cfg, run_dir, progress=False, feature_cache=feature_cache)
+    # a run directory of the cache that does not hold this run's results is left over from an interrupted one
+    experiment = ContinualExperiment(cfg, run_dir, progress=False, feature_cache=feature_cache, overwrite=True)
     return experiment.run(list(tasks))
 
 
@@ -127,6 +129,14 @@ class Runner:
         cfg = apply_overrides(self.base_cfg, list(overrides))
         return replace(cfg, train=replace(cfg.train, seed=int(seed)))
 
+    @staticmethod
+    def _stored(run: RunDirectory, cfg: MoleFlowConfig, order: Sequence[str]) -> dict | None:
+        """The results of a finished run of ``cfg`` on ``order`` kept in ``run``, else None."""
+        if not (run.config_path.is_file() and run.config_path.read_text() == dump_yaml(cfg)):
+            return None
+        results = run.read_results()
+        return results if results is not None and results.get("tasks") == list(order) else None
+
     def key(self, cfg: MoleFlowConfig, order: Sequence[str]) -> str:
         text = dump_yaml(cfg) + "\n" + json.dumps(list(order))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -138,19 +148,17 @@ class Runner:
             raise ValueError(f"order {list(order)} must be a permutation of the tasks {list(self.task_names)}")
         cfg = self.config_for(overrides, seed)
         key = self.key(cfg, order)
-        run_dir = self.out_dir / "runs" / key
-        stored = run_dir / "results.json"
-        written = run_dir / "config.yaml"
-        if stored.is_file() and written.is_file() and written.read_text() == dump_yaml(cfg):
-            log.info("run %s (seed %d, %s): reusing %s", key, seed, ", ".join(overrides) or "defaults", stored)
-            results = json.loads(stored.read_text())
+        run = RunDirectory(self.out_dir / "runs" / key)
+        results = self._stored(run, cfg, order)
+        if results is not None:
+            log.info("run %s (seed %d, %s): reusing %s", key, seed, ", ".join(overrides) or "defaults", run.results_path)
         else:
             log.info("run %s (seed %d, order %s, %s)", key, seed, ",".join(order), ", ".join(overrides) or "defaults")
             start = time.perf_counter()
-            results = self.execute(cfg, [self.tasks[n] for n in order], run_dir, self.feature_cache)
+            results = self.execute(cfg, [self.tasks[n] for n in order], run.path, self.feature_cache)
             # the runner owns what makes a run reusable, whatever the executor wrote
-            write_text(dump_yaml(cfg), written)
-            write_json(results, stored)
+            write_text(dump_yaml(cfg), run.config_path)
+            write_json(results, run.results_path)
             self.executed.append(key)
             log.info("run %s done in %.1fs", key, time.perf_counter() - start)
         return summarize(results, key, seed, overrides)

@@ -24,11 +24,9 @@ Torch only, no faiss; pairwise distances are computed in chunks so memory stays 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from moleflow.config import BackboneConfig
+from moleflow.config import BackboneConfig, replace
 
 __all__ = ["PatchCoreScorer", "greedy_coreset", "nearest_neighbours", "patchcore_backbone"]
 
@@ -38,7 +36,7 @@ PATCHCORE_CORESET = 0.1  # the paper's 10 % memory bank (1 % and 25 % are its ot
 def patchcore_backbone(config: BackboneConfig) -> BackboneConfig:
     """The feature config of a faithful PatchCore on ``config``'s backbone, layers, input size and width:
     the finest selected layer's grid (coarser ones upsampled bilinearly) with a 3x3 local average."""
-    return dataclasses.replace(config, grid="finest", local_aggregation=3)
+    return replace(config, grid="finest", local_aggregation=3)
 
 
 def greedy_coreset(patches: torch.Tensor, num: int, projection_dim: int | None = 128, seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,6 @@ Conventions shared by every loader:
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,24 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from moleflow.data.errors import DatasetError
-from moleflow.data.io import image_size, read_image, read_mask
+from moleflow.data.io import image_size, read_image, read_mask_for
+from moleflow.names import check_task_name
 
 __all__ = ["DatasetError", "Sample", "FileSample", "ArraySample", "TaskData", "check_task_name"]
 
 NORMAL_DEFECT = "good"
+CHECK_SIDE = 64  # a checked image is decoded to this size
 LABELS = (0, 1)
-# Task names become file names (checkpoints/tasks/<task>.safetensors), so keep them portable.
-TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def check_task_name(name: str) -> str:
-    """Return ``name`` if it is usable as a task (and file) name, else raise :class:`DatasetError`."""
-    if not TASK_NAME_PATTERN.fullmatch(name):
-        raise DatasetError(
-            f"invalid task name {name!r}: use letters, digits, '_', '.' or '-' (starting with a letter or "
-            "digit), e.g. 'hazelnut' or 'my_parts-v2'; it is used as a file name in the run directory"
-        )
-    return name
 
 
 @dataclass(frozen=True)
@@ -74,12 +63,19 @@ class Sample(ABC):
         """Whether :meth:`load_mask` returns an array (``False``: the dataset has no masks)."""
 
     @abstractmethod
-    def load_image(self) -> np.ndarray:
-        """Decode the image: ``(H, W, 3)`` RGB ``uint8``; DatasetError naming the file if unreadable."""
+    def load_image(self, max_side: int | None = None) -> np.ndarray:
+        """Decode the image: ``(H, W, 3)`` RGB ``uint8`` (long side at most ``max_side`` when given);
+        DatasetError naming the file if unreadable."""
 
     @abstractmethod
     def load_mask(self) -> np.ndarray | None:
         """Ground truth ``(H, W)`` ``float32`` in ``{0, 1}`` (the image's size); ``None``: no masks."""
+
+    def check(self) -> None:
+        """Raise DatasetError naming the file unless the image (and mask) can be read; cheap where possible."""
+        self.load_image()
+        if self.has_mask:
+            self.load_mask()
 
 
 @dataclass(frozen=True)
@@ -107,22 +103,21 @@ class FileSample(Sample):
     def has_mask(self) -> bool:
         return self.masked
 
-    def load_image(self) -> np.ndarray:
-        return read_image(self.image_path)
+    def load_image(self, max_side: int | None = None) -> np.ndarray:
+        """``max_side``: downscale on load (a large JPEG is decoded at reduced size) to this long side."""
+        return read_image(self.image_path, max_side)
+
+    def check(self) -> None:
+        read_image(self.image_path, CHECK_SIDE)  # decodes the whole file (a truncated one fails), small
+        if self.mask_path is not None:
+            self.load_mask()
 
     def load_mask(self) -> np.ndarray | None:
         if not self.masked:
             return None
-        height, width = image_size(self.image_path)
         if self.mask_path is None:
-            return np.zeros((height, width), dtype=np.float32)
-        mask = read_mask(self.mask_path)
-        if mask.shape != (height, width):
-            raise DatasetError(
-                f"mask {self.mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
-                f"{self.image_path} is {width}x{height}; masks must have the image's size"
-            )
-        return mask
+            return np.zeros(image_size(self.image_path), dtype=np.float32)
+        return read_mask_for(self.mask_path, self.image_path)  # sizes checked, orientation rule applied
 
 
 @dataclass(frozen=True)
@@ -159,8 +154,11 @@ class ArraySample(Sample):
     def has_mask(self) -> bool:
         return self.mask is not None
 
-    def load_image(self) -> np.ndarray:
+    def load_image(self, max_side: int | None = None) -> np.ndarray:
         return self.image.copy()
+
+    def check(self) -> None:
+        return None  # validated when it was made
 
     def load_mask(self) -> np.ndarray | None:
         return None if self.mask is None else self.mask.copy()
@@ -171,7 +169,7 @@ class TaskData:
     """One task (product category) of the continual stream.
 
     Attributes:
-        name: task name, e.g. ``"hazelnut"``; a valid file name (see :data:`TASK_NAME_PATTERN`).
+        name: task name, e.g. ``"hazelnut"``; a valid file name (see :mod:`moleflow.names`).
         train: normal images only.
         test: normal and anomalous images.
         has_masks: pixel metrics are computed only if ``True``; then every sample has a mask.

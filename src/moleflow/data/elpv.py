@@ -54,7 +54,8 @@ def default_labels_csv() -> Path:
     spec = importlib.util.find_spec(ELPV_PACKAGE)
     if spec is None or spec.origin is None:
         raise DatasetError(
-            "the elpv tasks need the 'elpv-dataset' package, which is not installed; run: pip install elpv-dataset"
+            "the elpv tasks need the optional package elpv-dataset, which is not installed: "
+            "pip install 'moleflow[demo]' (or pip install elpv-dataset)"
         )
     csv_path = Path(spec.origin).parent / "data" / "labels.csv"
     if not csv_path.is_file():

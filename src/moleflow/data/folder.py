@@ -15,12 +15,12 @@ Sample names are ``"good/FILE"`` and ``"bad/FILE"``. Hidden and non-image files 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from moleflow.data.base import NORMAL_DEFECT, FileSample, TaskData, check_task_name
 from moleflow.data.errors import DatasetError
 from moleflow.data.io import describe_directory, find_mask, mask_index, require_images
+from moleflow.names import task_name_from
 
 TEST_EVERY = 5  # every 5th sorted good image is a test image
 BAD_DEFECT = "bad"
@@ -39,7 +39,7 @@ def folder_task_name(good_dir: str | Path) -> str:
     """Task name derived from ``GOOD_DIR``: its base name, or its parent's if the base name is generic."""
     path = Path(good_dir).expanduser().resolve()
     base = path.parent.name if path.name.lower() in GENERIC_DIR_NAMES and path.parent.name else path.name
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", base).lstrip("._-") or "folder"
+    return task_name_from(base) if base else "folder"
 
 
 def _bad_samples(bad_dir: Path, mask_dir: Path | None) -> list[FileSample]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from moleflow.data.base import NORMAL_DEFECT, FileSample, TaskData, check_task_name
 from moleflow.data.errors import DatasetError
 from moleflow.data.io import describe_directory, find_mask, mask_index, require_images
+from moleflow.names import task_name_from
 
 LAYOUT_2D = "mvtec_ad"
 LAYOUT_3D = "mvtec_3d"
@@ -150,5 +151,5 @@ def load_mvtec_task(category_dir: str | Path, name: str | None = None) -> TaskDa
     category_dir = Path(category_dir).expanduser()
     train, test = parse_mvtec(category_dir)
     layout = "MVTec 3D-AD (rgb)" if detect_layout(category_dir) == LAYOUT_3D else "MVTec AD"
-    task_name = check_task_name(name if name is not None else category_dir.resolve().name)
+    task_name = check_task_name(name) if name is not None else task_name_from(category_dir.resolve().name)
     return TaskData(name=task_name, train=train, test=test, has_masks=True, source=f"{layout} layout at {category_dir}")

@@ -40,15 +40,18 @@ def read_visa_rows(root: str | Path) -> list[dict[str, str]]:
     csv_path = Path(root) / VISA_CSV
     if not csv_path.is_file():
         raise DatasetError(f"expected the VisA split file {csv_path}; it does not exist")
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in VISA_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DatasetError(
-                f"{csv_path}: expected columns {list(VISA_COLUMNS)}, found {reader.fieldnames}; "
-                f"missing {missing}. Use the official VisA split_csv/1cls.csv"
-            )
-        return [{k: (row[k] or "").strip() for k in VISA_COLUMNS} for row in reader]
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in VISA_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DatasetError(
+                    f"{csv_path}: expected columns {list(VISA_COLUMNS)}, found {reader.fieldnames}; "
+                    f"missing {missing}. Use the official VisA split_csv/1cls.csv"
+                )
+            return [{k: (row[k] or "").strip() for k in VISA_COLUMNS} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{csv_path} is not a readable CSV ({e}); restore the official VisA split_csv/1cls.csv") from e
 
 
 def visa_categories(root: str | Path) -> tuple[str, ...]:

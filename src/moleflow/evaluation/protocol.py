@@ -22,13 +22,23 @@ __all__ = [
     "final_row",
     "forgetting",
     "metrics_section",
+    "operating_points_section",
     "routing_accuracy",
     "routing_confusion",
     "routing_section",
 ]
 
-#: The metrics results.json reports, in its order.
-METRIC_NAMES: tuple[str, ...] = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+#: The metrics results.json reports, in its order (later releases only append).
+METRIC_NAMES: tuple[str, ...] = (
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_ap",
+    "aupro",
+    "image_ap",
+    "image_f1_max",
+    "pixel_f1_max",
+    "pro_at_threshold",
+)
 
 Matrix = list[list[float | None]]
 
@@ -153,6 +163,24 @@ def metrics_section(matrices: Mapping[str, AccuracyMatrix]) -> dict[str, dict[st
     """The "metrics" section of results.json: ``{name: matrix.to_json()}``, standard names first."""
     ordered = [n for n in METRIC_NAMES if n in matrices] + [n for n in matrices if n not in METRIC_NAMES]
     return {name: matrices[name].to_json() for name in ordered}
+
+
+def operating_points_section(points: Mapping[str, Mapping[str, float | None]]) -> dict[str, dict[str, float | None]]:
+    """The "operating_points" section of results.json: ``{task: {name: threshold | None}}``.
+
+    Thresholds are on the score scale (any finite number); NaN becomes ``None``.
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for task, named in points.items():
+        out[task] = {}
+        for name, value in named.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
+                raise TypeError(f"operating point {task}.{name}: expected a number or None, got {type(value).__name__}")
+            number = None if value is None or math.isnan(float(value)) else float(value)
+            if number is not None and math.isinf(number):
+                raise ValueError(f"operating point {task}.{name}: must be finite, got {number}")
+            out[task][name] = number
+    return out
 
 
 def _check_routing(true_tasks: Sequence[int], routed_tasks: Sequence[int], num_tasks: int) -> None:

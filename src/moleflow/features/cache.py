@@ -3,8 +3,8 @@
 ``extract_features`` streams a task's samples through a DataLoader (image decoding and resizing in
 the workers, the backbone in the main process) into :class:`CachedFeatures`, which slices, batches,
 and saves to / loads from safetensors. A saved cache carries a fingerprint of the backbone config
-(name, image size, layers, embed_dim, pretrained, grid, local aggregation) and is refused under a
-different one.
+(name, image size, layers, embed_dim, pretrained; grid and local aggregation when not at their defaults)
+and is refused under a different one.
 
 Memory: ``dtype=torch.float16`` halves the size of ``patches`` and ``context`` (e.g. 300 ViT images:
 180 MB -> 90 MB); ``pooled`` stays float32 because the router inverts its covariance.
@@ -29,11 +29,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from moleflow import __version__
+from moleflow.atomic import atomic_write
 from moleflow.config import BackboneConfig
 from moleflow.features.extractor import FeatureExtractor, image_to_tensor
 
 FORMAT = "moleflow.features"
 FORMAT_VERSION = 1
+LOAD_SIDE_FACTOR = 4  # images are decoded to at most 4x the model's input side before the final resize
 Index = int | np.integer | slice | Sequence[int] | Sequence[bool] | np.ndarray | torch.Tensor
 
 
@@ -48,9 +50,13 @@ class CacheMismatchError(ValueError):
 class SupportsLoadImage(Protocol):
     """What :func:`extract_features` needs of a sample (``moleflow.data.base.Sample`` has it)."""
 
-    def load_image(self) -> np.ndarray:
-        """uint8 RGB image (H, W, 3)."""
+    def load_image(self, max_side: int | None = None) -> np.ndarray:
+        """uint8 RGB image (H, W, 3), downscaled on load to a long side of at most ``max_side``."""
         ...
+
+
+#: Backbone keys added after caches and runs were first written, with the value all of those had.
+LEGACY_BACKBONE: dict[str, Any] = {"grid": "coarsest", "local_aggregation": 3}
 
 
 def cache_fingerprint(config: BackboneConfig, **extra: Any) -> dict[str, Any]:
@@ -61,8 +67,8 @@ def cache_fingerprint(config: BackboneConfig, **extra: Any) -> dict[str, Any]:
         "layers": list(config.layers),
         "embed_dim": config.embed_dim,
         "pretrained": config.pretrained,
-        "grid": config.grid,
-        "local_aggregation": config.local_aggregation,
+        # newer keys only when they differ from what every earlier cache had: those caches stay valid
+        **{k: getattr(config, k) for k, legacy in LEGACY_BACKBONE.items() if getattr(config, k) != legacy},
         **extra,
     }
     return json.loads(json.dumps(fingerprint, sort_keys=True))
@@ -153,9 +159,8 @@ class CachedFeatures:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file atomically (temporary file, then ``os.replace``)."""
+        """Write a safetensors file atomically (:func:`moleflow.atomic.atomic_write`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"patches": self.patches, "pooled": self.pooled}
         if self.context is not None:
             tensors["context"] = self.context
@@ -165,28 +170,25 @@ class CachedFeatures:
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "moleflow_version": __version__,
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        return atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path, expected: Mapping[str, Any] | None = None) -> CachedFeatures:
         """Read a cache written by :meth:`save`; with ``expected`` (see :func:`cache_fingerprint`),
         raise :class:`CacheMismatchError` unless the stored fingerprint equals it."""
         path = Path(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-                raise CacheMismatchError(
-                    f"{path} is not a moleflow feature cache of format version {FORMAT_VERSION} "
-                    f"(found format={meta.get('format')!r}, version={meta.get('format_version')!r}); "
-                    "delete it"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors' own error types for truncated or garbage files
+            raise CacheMismatchError(f"feature cache file {path} is unreadable ({e}); delete it") from e
+        if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
+            raise CacheMismatchError(
+                f"{path} is not a moleflow feature cache of format version {FORMAT_VERSION} "
+                f"(found format={meta.get('format')!r}, version={meta.get('format_version')!r}); delete it"
+            )
         stored = json.loads(meta.get("fingerprint", "{}"))
         if expected is not None:
             _check_fingerprint(path, stored, json.loads(json.dumps(dict(expected), sort_keys=True)))
@@ -221,7 +223,8 @@ class _ImageDataset(Dataset[torch.Tensor]):
     def __getitem__(self, i: int) -> torch.Tensor:
         sample = self.samples[i]
         try:
-            return image_to_tensor(sample.load_image(), self.size)
+            # a huge image is reduced while it is decoded (JPEG draft) instead of being held at full size
+            return image_to_tensor(sample.load_image(max_side=LOAD_SIDE_FACTOR * self.size), self.size)
         except Exception as e:  # name the file whatever went wrong, keep the cause chained
             where = getattr(sample, "path", None) or repr(sample)
             raise ImageLoadError(f"could not load image {where}: {type(e).__name__}: {e}") from e

@@ -12,7 +12,6 @@ by task name. This module is pure: it knows nothing of optimisers, epochs or dat
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +24,11 @@ from moleflow.flow.coupling import AllInOneCoupling, CouplingFlow, random_permut
 from moleflow.flow.dia import DeepInvertibleAdapter
 from moleflow.flow.lora import LoRALinear
 from moleflow.flow.subnets import subnet_factory
+from moleflow.names import check_task_name
 
 # names of the containers whose entries are keyed by task (see task_state_dict)
 TASK_CONTAINERS = ("lora_A", "lora_B", "task_bias", "gates", "whitening", "dia")
 TASK_PLACEHOLDER = "{task}"
-_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
 @dataclass
@@ -37,12 +36,6 @@ class FlowOutput:
     z: torch.Tensor  # (B, H, W, D) final latent, ~N(0, I) for normal patches
     logdet: torch.Tensor  # (B, H, W) log|det J| of flow + DIA
     z_base: torch.Tensor  # (B, H, W, D) latent before the DIA
-
-
-def check_task_name(task: str) -> str:
-    if not _TASK_NAME.match(task):
-        raise ValueError(f"task name {task!r} must start with a letter or digit and use only letters, digits, '_' and '-'")
-    return task
 
 
 class MoLEFlow(nn.Module):

@@ -306,7 +306,8 @@ def bench_per_task(device: torch.device, quick: bool, n_images: int = 300, train
     """Per preset: a task's parameters and file size, and the time to learn ``n_images`` for the preset's
     epochs on cached features: measured for the offline preset (``--quick``: 1 epoch, extrapolated),
     estimated for the others from the training-step throughput in ``train_rows``."""
-    from moleflow.checkpoint import save_task
+    from moleflow.analysis.growth import backbone_dims
+    from moleflow.checkpoint import save_task, task_file
     from moleflow.routing import Router
     from moleflow.training import ContinualTrainer
 
@@ -314,9 +315,11 @@ def bench_per_task(device: torch.device, quick: bool, n_images: int = 300, train
     for name in PRESET_NAMES:
         cfg = preset(name)
         model = build_head(cfg, device, tasks=2)
+        router_dim = backbone_dims(cfg)[1]
+        router = Router(cfg.router)
+        router.add("t1", torch.zeros(router_dim), torch.eye(router_dim))
         with tempfile.TemporaryDirectory() as tmp:
-            save_task(model, cfg, "t1", Path(tmp))
-            size = (Path(tmp) / "tasks" / "t1.safetensors").stat().st_size
+            size = save_task(model, router, cfg, "t1", task_file(Path(tmp), "t1"), "bench", "t1").stat().st_size
         counts = model.parameter_counts()
         train = next((t for t in train_rows or [] if t["preset"] == name), None)
         out["presets"].append(

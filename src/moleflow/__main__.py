@@ -1,0 +1,5 @@
+"""``python -m moleflow``: the command line."""
+
+from moleflow.cli import main
+
+raise SystemExit(main())
