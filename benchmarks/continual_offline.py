@@ -1,5 +1,6 @@
 """Benchmark: the offline preset learning hazelnut_toy -> mpdd_metal_plate -> elpv mono -> elpv poly,
-next to a non-continual PatchCore baseline on the same backbone features (task id given).
+next to a non-continual PatchCore baseline (task id given) on the same backbone, layers and input size, with
+PatchCore's stride-8 patches (3x3 averaged, the stride-16 layer upsampled) and a 10 % coreset.
 
     python benchmarks/continual_offline.py --out runs/bench_offline [--shared ../shared] [--set k=v ...]
 
@@ -17,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from moleflow.atomic import write_json_atomic
-from moleflow.baselines.patchcore import PatchCoreScorer
-from moleflow.config import apply_overrides, preset
+from moleflow.baselines.patchcore import PATCHCORE_CORESET, PatchCoreScorer, patchcore_backbone
+from moleflow.config import apply_overrides, preset, replace
 from moleflow.data import resolve_task
 from moleflow.evaluation.protocol import METRIC_NAMES
 from moleflow.evaluation.task_metrics import task_metrics
@@ -39,15 +40,22 @@ def task_specs(shared: Path) -> list[str]:
 
 
 def patchcore_baseline(exp: ContinualExperiment, tasks, coreset_ratio: float) -> dict:
+    """Per-task PatchCore (task id given) on the run's backbone, layers and input size with PatchCore's own
+    patches (``patchcore_backbone``: the finest layer's grid, 3x3 local averaging)."""
     out = {}
     size = exp.eval_size
+    backbone = patchcore_backbone(exp.cfg.model.backbone)
+    pc = exp
+    if backbone != exp.cfg.model.backbone:
+        model = replace(exp.cfg.model, backbone=backbone, scale_context=None)
+        pc = ContinualExperiment(replace(exp.cfg, model=model), exp.run_dir / "patchcore", progress=False)
     for task in tasks:
         start = time.perf_counter()
-        train = exp.extract(task.train, f"baseline features {task.name}")
+        train = pc.extract(task.train, f"baseline features {task.name}")
         scorer = PatchCoreScorer(coreset_ratio=coreset_ratio).fit(train.patches)
-        es = exp.eval_sets[task.name]
+        es = pc.eval_sets[task.name] if pc is exp else pc.prepare_eval_set(task)
         patch = scorer.score(es.features.patches)
-        maps = None if es.masks is None else anomaly_maps(patch, (size, size), exp.cfg.scoring.smoothing_sigma).numpy()
+        maps = None if es.masks is None else anomaly_maps(patch, (size, size), 4.0).numpy()  # PatchCore's sigma = 4
         image_scores = scorer.image_scores(es.features.patches).numpy()
         values: dict = task_metrics(image_scores, es.labels, maps, es.masks).values  # all metrics, None where n/a
         values["seconds"] = time.perf_counter() - start
@@ -103,7 +111,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/bench_offline")
     p.add_argument("--shared", default="../shared")
-    p.add_argument("--coreset", type=float, default=0.05)
+    p.add_argument("--coreset", type=float, default=PATCHCORE_CORESET)
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -13,6 +13,7 @@ from moleflow.features.extractor import (
     cnn_patches,
     image_to_tensor,
     pool_channels,
+    to_grid,
     vit_patches,
 )
 
@@ -77,6 +78,41 @@ def test_cnn_aggregation_matches_patchcore_recipe(lite2: FeatureExtractor) -> No
     raw = torch.cat([F.avg_pool2d(l2, 2), l3], dim=1).permute(0, 2, 3, 1)
     torch.testing.assert_close(out.context, raw)
     torch.testing.assert_close(out.pooled, pooled)
+
+
+def test_finest_grid_upsamples_the_coarser_layer_bilinearly(lite2: FeatureExtractor) -> None:
+    fine = FeatureExtractor(replace(LITE2, grid="finest"))
+    assert fine.grid == (28, 28) and fine.embed_dim == 168
+    x = lite2.preprocess(_images(2))
+    with torch.no_grad():
+        (l2, l3), _ = lite2.backbone(x)
+    assert l2.shape[-2:] == (28, 28) and l3.shape[-2:] == (14, 14)
+    smooth = [F.avg_pool2d(m, 3, stride=1, padding=1) for m in (l2, l3)]
+    up = F.interpolate(smooth[1], size=(28, 28), mode="bilinear", align_corners=False)
+    out = fine(x)
+    torch.testing.assert_close(out.patches, torch.cat([smooth[0], up], dim=1).permute(0, 2, 3, 1))
+    raw_up = F.interpolate(l3, size=(28, 28), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.context, torch.cat([l2, raw_up], dim=1).permute(0, 2, 3, 1))
+
+
+def test_local_aggregation_kernel(lite2: FeatureExtractor) -> None:
+    plain = FeatureExtractor(replace(LITE2, local_aggregation=1))
+    wide = FeatureExtractor(replace(LITE2, local_aggregation=5))
+    x = lite2.preprocess(_images(1))
+    with torch.no_grad():
+        (l2, l3), _ = lite2.backbone(x)
+    torch.testing.assert_close(plain(x).patches, torch.cat([F.avg_pool2d(l2, 2), l3], dim=1).permute(0, 2, 3, 1))
+    smooth = [F.avg_pool2d(m, 5, stride=1, padding=2) for m in (l2, l3)]
+    torch.testing.assert_close(wide(x).patches, torch.cat([F.avg_pool2d(smooth[0], 2), smooth[1]], 1).permute(0, 2, 3, 1))
+
+
+def test_to_grid_pools_down_and_interpolates_up() -> None:
+    m = torch.arange(16.0).view(1, 1, 4, 4)
+    assert to_grid(m, (4, 4)) is m
+    assert to_grid(m, (2, 2)).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # 2x2 block means
+    small = torch.tensor([[0.0, 4.0]]).view(1, 1, 1, 2)
+    # bilinear, align_corners=False: output x-centres at input coordinates -0.25, 0.25, 0.75, 1.25
+    assert to_grid(small, (1, 4)).flatten().tolist() == [0.0, 1.0, 3.0, 4.0]
 
 
 def test_channel_pooling_averages_adjacent_channels() -> None:

@@ -107,3 +107,41 @@ def test_errors() -> None:
         PatchCoreScorer(coreset_ratio=0.0)
     with pytest.raises(ValueError, match="coreset size"):
         greedy_coreset(torch.zeros(3, 2), 4)
+
+
+def _plain_greedy(x: torch.Tensor, num: int, start: int) -> list[int]:
+    """Algorithm 1 without pruning: every patch's distance to every new centre."""
+    min_dist = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    selected = [start]
+    for _ in range(num - 1):
+        min_dist = torch.minimum(min_dist, ((x - x[selected[-1]]) ** 2).sum(dim=1))
+        min_dist[selected] = -1.0
+        selected.append(int(min_dist.argmax()))
+    return selected
+
+
+def test_pruned_coreset_equals_plain_greedy() -> None:
+    # clustered patches (the case pruning is for): the pruned selection must be Algorithm 1's, step by step
+    gen = torch.Generator().manual_seed(9)
+    centres = 4.0 * torch.randn(12, 6, generator=gen, dtype=torch.float64)
+    x = (centres.repeat_interleave(50, dim=0) + torch.randn(600, 6, generator=gen, dtype=torch.float64)).float()
+    selected = greedy_coreset(x, 120, projection_dim=None, seed=1)
+    assert selected.tolist() == _plain_greedy(x.double(), 120, int(selected[0]))
+
+
+def test_patchcore_backbone_is_the_finest_grid_with_3x3_averaging() -> None:
+    from moleflow.baselines import patchcore_backbone
+    from moleflow.config import preset, replace
+    from moleflow.features.extractor import FeatureExtractor
+
+    mole = replace(preset("offline").model.backbone, image_size=256, local_aggregation=1)
+    faithful = patchcore_backbone(mole)
+    assert (faithful.name, faithful.image_size, faithful.layers, faithful.embed_dim) == (
+        mole.name,
+        256,
+        mole.layers,
+        mole.embed_dim,
+    )
+    assert (faithful.grid, faithful.local_aggregation) == ("finest", 3)
+    assert FeatureExtractor(replace(faithful, pretrained=False)).grid == (32, 32)  # stride 8 at 256 px
+    assert PatchCoreScorer().coreset_ratio == 0.1

@@ -47,3 +47,31 @@ def test_unknown_or_missing_loggers_fail_before_any_work(tmp_path, capsys, monke
     assert main(["learn", str(tmp_path / "run"), "x=synthetic:disc", "--logger", "mlflow"]) == 2
     assert "pip install 'moleflow[mlflow]'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "tasks.json").exists()
+
+
+def test_early_stopping_watches_the_calibration_normals_and_logs_their_nll(tmp_path):
+    from tests.helpers import learn_args
+
+    run = tmp_path / "run"
+    extra = ("--set", "train.early_stopping.patience=1", "--set", "train.epochs=3")
+    assert main(learn_args(run, "stripes=synthetic:stripes", extra=extra)) == 0
+    with open(run / "logs" / "training.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert 1 <= len(rows) <= 3 and all(float(r["val_nll"]) == float(r["val_nll"]) for r in rows)  # filled, not NaN
+    best = min(range(len(rows)), key=lambda i: float(rows[i]["val_nll"]))
+    assert len(rows) == 3 or len(rows) - 1 - best >= 1  # stopped only after an epoch without improvement
+
+
+def test_a_training_csv_of_an_older_moleflow_keeps_its_columns(tmp_path):
+    from moleflow.training_log import CSVLogger
+
+    path = tmp_path / "training.csv"
+    old = ["task", "epoch", "loss", "nll", "tail", "logdet_penalty", "whitening_reg", "lr", "seconds"]
+    path.write_text(",".join(old) + "\na,1,2.0,2.0,,,,0.1,0.5\n")
+    logger = CSVLogger(path)
+    logger.log_epoch({"task": "b", "epoch": 1, "loss": 1.5, "nll": 1.5, "lr": 0.1, "seconds": 0.2, "val_nll": 1.7})
+    logger.close()
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == old and all(len(r) == len(old) for r in rows)
+    assert rows[2][:3] == ["b", "1", "1.5"]

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from moleflow import __version__
 from moleflow.atomic import atomic_write
 from moleflow.config import MoleFlowConfig, to_dict
+from moleflow.features.cache import LEGACY_BACKBONE
 from moleflow.flow.model import MoLEFlow
 from moleflow.routing import Router
 
@@ -46,8 +47,19 @@ def new_id() -> str:
 
 
 def model_fingerprint(cfg: MoleFlowConfig) -> str:
-    """Hash of everything that shapes the model's tensors (model section + router)."""
-    relevant = {"model": to_dict(cfg.model), "router": to_dict(cfg.router)}
+    """Hash of everything that shapes the model's tensors (model section + router).
+
+    Left out, so that runs written before these keys existed still load: ``router.covariance`` (it decides
+    the route among the stored prototypes, it shapes none of them), and the backbone's ``grid`` and
+    ``local_aggregation`` while they hold the values every earlier run had (coarsest, 3).
+    """
+    model, router = to_dict(cfg.model), to_dict(cfg.router)
+    router.pop("covariance", None)
+    backbone = model["backbone"]
+    for key, legacy in LEGACY_BACKBONE.items():
+        if backbone.get(key) == legacy:
+            backbone.pop(key)
+    relevant = {"model": model, "router": router}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -363,6 +363,9 @@ class Detector:
         feature_s = time.perf_counter() - start
         train_base = self.base_id is None or self.cfg.train.base_policy == "always_trainable"
         seed = product_seed(self.cfg.train.seed, name)
+        # early stopping watches the calibration normals (held out of training, never trained on); the epoch
+        # it keeps is then chosen on the images the thresholds are set on, a mild optimism of the thresholds
+        stop_on = calib_feats.to(self.device) if self.cfg.train.early_stopping is not None and held_out else None
         undo = self._snapshot(name, train_base)
         self._stage(name, "training")
         try:
@@ -373,6 +376,7 @@ class Detector:
                 seed=seed,
                 progress=self.progress,
                 loggers=self.loggers,
+                validation=stop_on,
             )
             cal_start = time.perf_counter()
             calibration = self.fit_calibration(name, calib_feats, method)

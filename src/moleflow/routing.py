@@ -7,6 +7,24 @@ An image goes to the task with the smallest (squared) Mahalanobis or Euclidean d
 of a batch is routed on its own. Mahalanobis queries go through :class:`MahalanobisIndex` (exact
 argmin with a cheap lower bound, fast at many tasks); :meth:`Router.distances` is the direct float64
 evaluation, kept as the reference.
+
+``feature = "patch_gaussian"``: the prototype is the Gaussian ``N(mu_t, Sigma_t)`` of the task's single
+patches (N * H * W samples, so the covariance is well determined even for a task of 20 images), and an
+image with patches ``x_1..x_n`` goes to the task of lowest mean patch NLL (constant dropped)::
+
+    nll_t = 0.5 * (mean_p (x_p - mu_t)^T P_t (x_p - mu_t) - log|P_t|)
+          = 0.5 * (tr(P_t S) + (xbar - mu_t)^T P_t (xbar - mu_t) - log|P_t|)
+
+with ``xbar``, ``S`` the image's own patch mean and (biased) covariance: ``T * G^2`` numbers per image
+whatever the grid, as for the image-level router evaluated directly (no index).
+
+``covariance = "pooled"`` (linear discriminant analysis): every task is measured with one precision, the
+inverse of the mean of the tasks' covariances (each task weighs the same). A task's own covariance lets a
+task of broad spread claim images that fit no task well (defective cells of one solar-cell line going to
+the other); one shared metric does not. Queries whiten once (``G^2``) and compare with the whitened means
+(``T * G``), so routing stays cheap at many tasks; adding a task inverts its precision once (``G^3``).
+Pooling decides the route only: the distance reported for the routed task (:meth:`Router.distance_to`, what
+a product's unknown-product threshold is calibrated on) is always measured with that task's own precision.
 """
 
 from __future__ import annotations
@@ -88,6 +106,9 @@ class Router:
     precisions: torch.Tensor | None = None  # (T, G, G) float64
     _index: MahalanobisIndex | None = field(default=None, init=False, repr=False)  # rebuilt on change
     _factors: dict[str, TaskFactors] = field(default_factory=dict, init=False, repr=False)  # per task, once
+    _log_dets: torch.Tensor | None = field(default=None, init=False, repr=False)  # patch_gaussian, rebuilt on change
+    _covariances: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # pooled, per task
+    _pooled: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)  # rebuilt on change
 
     def add(self, task: str, mean: torch.Tensor, precision: torch.Tensor) -> None:
         self.extend([task], mean[None], precision[None])
@@ -106,7 +127,7 @@ class Router:
         self.means = means if self.means is None else torch.cat([self.means, means])
         self.precisions = precisions if self.precisions is None else torch.cat([self.precisions, precisions])
         self.tasks.extend(tasks)
-        self._index = None
+        self._index = self._log_dets = self._pooled = None
 
     def remove(self, task: str) -> None:
         if task not in self.tasks:
@@ -114,8 +135,10 @@ class Router:
         i = self.tasks.index(task)
         keep = [j for j in range(len(self.tasks)) if j != i]
         self.means, self.precisions = self.means[keep], self.precisions[keep]
-        self._factors.pop(self.tasks.pop(i), None)
-        self._index = None
+        name = self.tasks.pop(i)
+        self._factors.pop(name, None)
+        self._covariances.pop(name, None)
+        self._index = self._log_dets = self._pooled = None
         if not self.tasks:
             self.means = self.precisions = None
 
@@ -124,14 +147,48 @@ class Router:
         i = self.tasks.index(task)
         return self.means[i].clone(), self.precisions[i].clone()
 
-    def distances(self, features: torch.Tensor) -> torch.Tensor:
-        """Squared distances ``(B, T)`` of ``features (B, G)`` to every prototype."""
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C (G, G), whitened means (T, G))``: ``C C^T`` = the mean of the tasks' covariances (lower
+        Cholesky factor), whitened means ``C^-1 mu_t``; then ``d_t(x) = ||C^-1 x - C^-1 mu_t||^2``."""
         if not self.tasks:
             raise RuntimeError("the router has no tasks yet")
+        if self._pooled is None:
+            for task, precision in zip(self.tasks, self.precisions, strict=True):
+                if task not in self._covariances:  # inverted once per task
+                    self._covariances[task] = torch.cholesky_inverse(torch.linalg.cholesky(precision))
+            cov = torch.stack([self._covariances[t] for t in self.tasks]).mean(dim=0)
+            chol = torch.linalg.cholesky(0.5 * (cov + cov.T))
+            self._pooled = chol, torch.linalg.solve_triangular(chol, self.means.T, upper=False).T
+        return self._pooled
+
+    def log_dets(self) -> torch.Tensor:
+        """``log|P_t|`` per task ``(T,)`` float64, computed once per set of tasks."""
+        if self._log_dets is None:
+            self._log_dets = torch.linalg.slogdet(self.precisions)[1]
+        return self._log_dets
+
+    def patch_nll(self, patches: torch.Tensor) -> torch.Tensor:
+        """Mean patch Gaussian NLL ``(B, T)`` (without ``G/2 log 2 pi``) of ``patches (B, n, G)``."""
+        xbar, scatter = _patch_moments(patches.to(self.means.device))
+        trace = scatter.flatten(1) @ self.precisions.flatten(1).T  # tr(P_t S_b), P symmetric
+        diff = xbar[:, None, :] - self.means[None]  # (B, T, G)
+        maha = torch.einsum("btg,tgh,bth->bt", diff, self.precisions, diff)
+        return 0.5 * (trace + maha - self.log_dets()[None])
+
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        """Squared distances ``(B, T)`` of ``features (B, G)`` to every prototype (``patch_gaussian``: the mean
+        patch NLL of ``features (B, n, G)`` under every task)."""
+        if not self.tasks:
+            raise RuntimeError("the router has no tasks yet")
+        if self.cfg.feature == "patch_gaussian":
+            return self.patch_nll(features)
         x = features.detach().to(torch.float64)
         diff = x[:, None, :] - self.means[None]  # (B, T, G)
         if self.cfg.metric == "euclidean":
             return diff.pow(2).sum(dim=-1)
+        if self.cfg.metric == "mahalanobis" and self.cfg.covariance == "pooled":
+            chol, _ = self.pooled()
+            return torch.einsum("btg,gh,bth->bt", diff, torch.cholesky_inverse(chol), diff)
         if self.cfg.metric == "mahalanobis":
             return torch.einsum("btg,tgh,bth->bt", diff, self.precisions, diff)
         raise ValueError(f"unknown router metric {self.cfg.metric!r}")
@@ -151,22 +208,39 @@ class Router:
 
     def route(self, features: torch.Tensor) -> torch.Tensor:
         """Index into ``self.tasks`` of the nearest prototype per image, ``(B,)`` long."""
-        if self.cfg.metric == "mahalanobis":
-            if not torch.isfinite(features).all():
-                raise ValueError("routing features contain NaN or inf; check the backbone input images")
-            return self.index(features.device).nearest(features.detach())[0]
-        return self.distances(features).argmin(dim=1)
+        if self.cfg.metric == "euclidean":
+            return self.distances(features).argmin(dim=1)
+        if not torch.isfinite(features).all():
+            raise ValueError("routing features contain NaN or inf; check the backbone input images")
+        if self.cfg.feature == "patch_gaussian":
+            return self.distances(features).argmin(dim=1).to(features.device)
+        if self.cfg.covariance == "pooled":
+            chol, white_means = self.pooled()
+            x = features.detach().to(device=chol.device, dtype=torch.float64)
+            white = torch.linalg.solve_triangular(chol, x.T, upper=False).T  # (B, G)
+            return torch.cdist(white, white_means).argmin(dim=1).to(features.device)
+        return self.index(features.device).nearest(features.detach())[0]
 
     def distance_to(self, features: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
-        """Squared distance ``(B,)`` of each image ``features (B, G)`` to the prototype ``task_index (B,)``."""
+        """Squared distance ``(B,)`` of each image ``features (B, G)`` to the prototype ``task_index (B,)``,
+        always under that task's OWN precision (also when routing pools the covariances): a product's
+        unknown-product threshold is calibrated on this distance and must not move when other products are
+        added or removed. ``patch_gaussian``: the mean squared Mahalanobis distance of the image's patches
+        ``(B, n, G)`` to the task's patch Gaussian, ``2 * nll_t + log|P_t|`` (its mean patch NLL up to the
+        task's own constant, so non-negative and on the scale of the image-level distances)."""
         if not self.tasks:
             raise RuntimeError("the router has no tasks yet")
         x = features.detach().to(device=self.means.device, dtype=torch.float64)
         idx = task_index.to(self.means.device)
+        precision = self.precisions[idx]  # (B, G, G)
+        if self.cfg.feature == "patch_gaussian":
+            xbar, scatter = _patch_moments(x)
+            diff = xbar - self.means[idx]
+            return (scatter * precision).sum(dim=(1, 2)) + torch.einsum("bg,bgh,bh->b", diff, precision, diff)
         diff = x - self.means[idx]
         if self.cfg.metric == "euclidean":
             return diff.pow(2).sum(dim=-1)
-        return torch.einsum("bg,bgh,bh->b", diff, self.precisions[idx], diff)
+        return torch.einsum("bg,bgh,bh->b", diff, precision, diff)
 
     def nearest(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index (B,) long, squared distance (B,) float64)`` of the nearest prototype per image."""
@@ -178,3 +252,11 @@ class Router:
         if not self.tasks:
             return {"means": torch.zeros(0, 0, dtype=torch.float64), "precisions": torch.zeros(0, 0, 0, dtype=torch.float64)}
         return {"means": self.means, "precisions": self.precisions}
+
+
+def _patch_moments(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``patches (B, n, G)`` -> ``(mean (B, G), biased covariance (B, G, G))``, float64."""
+    x = patches.detach().to(torch.float64)
+    xbar = x.mean(dim=1)
+    centred = x - xbar[:, None]
+    return xbar, centred.transpose(1, 2) @ centred / x.shape[1]

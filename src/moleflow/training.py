@@ -4,6 +4,12 @@ The first task trains the shared base together with its own parts; every later t
 own parts (LoRA A/B and biases, whitening, DIA, a per-task mixer gate), so by construction
 d(loss_t)/d(base) is never applied and earlier tasks cannot change. ``train.base_policy =
 "always_trainable"`` is the unfrozen baseline of the ablations (it forgets).
+
+Levers that trade training time against fit (``train`` section, all off by default): ``patch_fraction``
+trains the flow on a fresh random share of each image's patches per step (the flow scores patches
+independently, so this is an unbiased estimate of the full loss's mean term at a fraction of the cost),
+``steps`` sets a per-task optimizer-step budget instead of ``epochs``, and ``early_stopping`` ends a task
+when the NLL of held-out normals stops improving, keeping the best epoch's parameters.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from tqdm.auto import tqdm
 
 from moleflow.config import MoleFlowConfig, TrainConfig
 from moleflow.features.cache import CachedFeatures
-from moleflow.flow.model import MoLEFlow
+from moleflow.flow.model import FlowOutput, MoLEFlow
 from moleflow.losses import logdet_penalty, patch_nll, tail_mean
 from moleflow.routing import PrototypeAccumulator, Router
 from moleflow.training_log import TrainingLogger
@@ -38,6 +44,8 @@ class TaskTrainingReport:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     trainable_parameters: int = 0
+    validation_nll: list[float] = field(default_factory=list)  # per epoch, when held-out features were given
+    best_epoch: int | None = None  # early stopping: the epoch (0-based) whose parameters were kept
 
 
 def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -62,25 +70,68 @@ def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: TrainConfi
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamp' or 'adamw'")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: ``lr(e) = lr0 * 0.5 * (1 + cos(pi * e / E))`` (cosine) or constant."""
+def task_epochs(cfg: TrainConfig, num_images: int) -> int:
+    """Epochs for a task of ``num_images``: ``cfg.epochs``, or with ``cfg.steps`` the epochs closest to that
+    many optimizer steps (``ceil(num_images / batch_size)`` per epoch), at least one."""
+    if cfg.steps is None:
+        return cfg.epochs
+    per_epoch = max(1, math.ceil(num_images / cfg.batch_size))
+    return max(1, round(cfg.steps / per_epoch))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int | None = None
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule over ``E = epochs`` (default ``cfg.epochs``): ``lr(e) = lr0 * 0.5 * (1 + cos(pi * e / E))``
+    (cosine) or constant."""
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs or cfg.epochs))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 def routing_features(model: MoLEFlow, batch: CachedFeatures, feature: str) -> torch.Tensor:
-    """Image-level routing features ``(B, G)``.
+    """Routing features: ``(B, G)`` per image, or ``(B, H * W, G)`` patches for ``patch_gaussian``.
 
     ``patch_mean``: mean over the grid of ``F0 + PE`` (v5); ``backbone_pooled``: the backbone's
-    final-layer image feature (outline). Neither depends on learned parameters.
+    final-layer image feature (outline); ``patch_gaussian``: the patches ``F0`` themselves (the router
+    summarises them; a prototype accumulates every patch). None depends on learned parameters.
     """
     if feature == "backbone_pooled":
         return batch.pooled
+    if feature == "patch_gaussian":
+        return batch.patches.flatten(1, 2)
     patches = batch.patches
     if model.cfg.positional_encoding:
         patches = patches + model.positional(patches.shape[1], patches.shape[2], patches)
     return patches.mean(dim=(1, 2))
+
+
+def sample_patches(x: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x (B, H, W, D)`` -> ``(B, 1, K, D)``: ``K = ceil(fraction * H * W)`` distinct patches per image,
+    drawn uniformly and independently for every image (``fraction >= 1``: ``x`` unchanged)."""
+    b, h, w, d = x.shape
+    if fraction >= 1.0:
+        return x
+    k = max(1, math.ceil(fraction * h * w))
+    order = torch.rand(b, h * w, generator=generator).argsort(dim=1)[:, :k].to(x.device)
+    return x.reshape(b, h * w, d).gather(1, order[..., None].expand(b, k, d)).reshape(b, 1, k, d)
+
+
+def flow_on_patch_subset(
+    model: MoLEFlow, batch: CachedFeatures, task: str, fraction: float, generator: torch.Generator | None = None
+) -> FlowOutput:
+    """``model(batch.patches, task, batch.context)`` on a random share of the patches: the grid-wide steps
+    (positional encoding, scale context, whitening, spatial mixer) see the whole grid, the flow and the DIA,
+    which act on each patch alone, only the sampled ``(B, 1, K, D)`` (``fraction >= 1``: the plain forward,
+    ``generator`` untouched)."""
+    if fraction >= 1.0:
+        return model(batch.patches, task, batch.context)
+    f3 = sample_patches(model.adapt(model.prepare(batch.patches, batch.context), task), fraction, generator)
+    z0, logdet = model.flow(f3, task)
+    if model.cfg.dia is None:
+        return FlowOutput(z0, logdet, z0)
+    z, dia_logdet = model.dia[task](z0)
+    return FlowOutput(z, logdet + dia_logdet, z0)
 
 
 def product_seed(seed: int, task: str) -> int:
@@ -95,9 +146,15 @@ class ContinualTrainer:
         self.device = torch.device(device)
 
     def objective(
-        self, batch: CachedFeatures, task: str, *, trains_base: bool | None = None
+        self,
+        batch: CachedFeatures,
+        task: str,
+        *,
+        trains_base: bool | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one batch of ``task``: tail-aware NLL + lambda_logdet * logdet^2 + whitening reg.
+        """The loss of one batch of ``task``: tail-aware NLL + lambda_logdet * logdet^2 + whitening reg,
+        on the share ``train.patch_fraction`` of each image's patches (drawn from ``generator``).
 
         Returns the loss and its parts (detached scalars: ``nll`` mean, ``tail`` mean of the top patches,
         ``logdet_penalty``, ``whitening_reg``; the last two unweighted). ``trains_base``: whether this task
@@ -105,7 +162,7 @@ class ContinualTrainer:
         ``identity_reg_tasks = "first"``); ``None``: it is the model's first task.
         """
         lcfg, model = self.cfg.loss, self.model
-        out = model(batch.patches, task, batch.context)
+        out = flow_on_patch_subset(model, batch, task, self.cfg.train.patch_fraction, generator)
         nll = patch_nll(out.z, out.logdet)
         mean = nll.mean()
         parts = {"nll": mean.detach()}
@@ -136,6 +193,7 @@ class ContinualTrainer:
         seed: int | None = None,
         progress: bool = True,
         loggers: Sequence[TrainingLogger] = (),
+        validation: CachedFeatures | None = None,
     ) -> TaskTrainingReport:
         """Add ``task`` to the model, train its parts on ``features``, and give it a router prototype.
 
@@ -144,6 +202,8 @@ class ContinualTrainer:
         ``seed``: initialises the task's parts and orders its batches; ``None``: derived from the run seed
         and the product's name (:func:`product_seed`), so a product's parameters do not depend on which
         products came before it. ``loggers`` receive one record per epoch (moleflow.training_log).
+        ``validation``: held-out normals of ``task`` (never trained on); their mean patch NLL is recorded
+        after every epoch (``val_nll`` in the epoch record) and drives ``train.early_stopping`` when set.
         """
         tcfg = self.cfg.train
         start = time.perf_counter()
@@ -156,9 +216,13 @@ class ContinualTrainer:
         groups = self.model.parameter_groups(task, train_base)
         trainable = [p for ps in groups.values() for p in ps]
         optimizer, report = build_optimizer(groups, tcfg), TaskTrainingReport(task)
-        scheduler = build_scheduler(optimizer, tcfg)
-        generator = torch.Generator().manual_seed(seed + 7919)
+        epochs = task_epochs(tcfg, len(features))
+        scheduler = build_scheduler(optimizer, tcfg, epochs)
+        generator = torch.Generator().manual_seed(seed + 7919)  # batch order, then the patch subsets
         report.trainable_parameters = sum(p.numel() for p in trainable)
+        stopper = _EarlyStopper(tcfg, trainable) if tcfg.early_stopping is not None and validation is not None else None
+        if tcfg.early_stopping is not None and validation is None:
+            log.warning("train.early_stopping is set but no held-out features were given: all %d epochs run", epochs)
         log.info(
             "learning task %r (%d images, %d trainable parameters, base %s)",
             task,
@@ -166,44 +230,82 @@ class ContinualTrainer:
             report.trainable_parameters,
             "trained" if train_base else "frozen",
         )
-        self.model.train()
-        bar = tqdm(range(tcfg.epochs), desc=f"train {task}", disable=not progress, leave=False)
+        bar = tqdm(range(epochs), desc=f"train {task}", disable=not progress, leave=False)
         for epoch in bar:
-            epoch_start, sums, count = time.perf_counter(), {}, 0
-            lr = optimizer.param_groups[0]["lr"]
-            for batch in features.batches(tcfg.batch_size, shuffle=True, generator=generator):
-                batch = batch.to(self.device)
-                loss, parts = self.objective(batch, task, trains_base=train_base)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"task {task!r}, epoch {epoch}: loss is {loss.item()}; lower train.lr or check the features"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tcfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
-                optimizer.step()
-                for key, value in {"loss": loss.detach(), **parts}.items():  # summed on the device, read once
-                    sums[key] = sums.get(key, 0.0) + value * len(batch)
-                count += len(batch)
+            epoch_start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            self.model.train()  # again every epoch: the validation pass below switches to eval
+            means = self._epoch(task, features, optimizer, trainable, generator, epoch, train_base)
             scheduler.step()
-            means = {k: float(v) / max(1, count) for k, v in sums.items()}
             report.epoch_losses.append(means["loss"])
             bar.set_postfix(loss=f"{report.epoch_losses[-1]:.3f}")
-            record = {"task": task, "epoch": epoch + 1, **means, "lr": lr, "seconds": time.perf_counter() - epoch_start}
+            record = {"task": task, "epoch": epoch + 1, **means, "lr": lr}
+            stop = False
+            if validation is not None:
+                report.validation_nll.append(self.validation_nll(task, validation))
+                record["val_nll"] = report.validation_nll[-1]
+                stop = stopper is not None and stopper.stop(epoch, report.validation_nll[-1])
+            record["seconds"] = time.perf_counter() - epoch_start
             for logger in loggers:
                 logger.log_epoch(record)
+            if stop:
+                break
+        if stopper is not None:
+            report.best_epoch = stopper.restore()
         self.model.set_trainable(None, train_base=False)
         self.model.eval()
         self.add_prototype(task, features)
         report.seconds = time.perf_counter() - start
         log.info(
-            "task %r learned in %.1fs, final loss %.4f",
+            "task %r learned in %.1fs (%d epochs), final loss %.4f",
             task,
             report.seconds,
+            len(report.epoch_losses),
             report.epoch_losses[-1] if report.epoch_losses else math.nan,
         )
         return report
+
+    def _epoch(
+        self,
+        task: str,
+        features: CachedFeatures,
+        optimizer: torch.optim.Optimizer,
+        trainable: list[torch.nn.Parameter],
+        generator: torch.Generator,
+        epoch: int,
+        train_base: bool,
+    ) -> dict[str, float]:
+        """One pass over ``features`` in a random order; the image-weighted means of the loss and its parts."""
+        tcfg = self.cfg.train
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for batch in features.batches(tcfg.batch_size, shuffle=True, generator=generator):
+            batch = batch.to(self.device)
+            loss, parts = self.objective(batch, task, trains_base=train_base, generator=generator)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"task {task!r}, epoch {epoch}: loss is {loss.item()}; lower train.lr or check the features"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
+            optimizer.step()
+            for key, value in {"loss": loss.detach(), **parts}.items():  # summed on the device, read once
+                sums[key] = sums.get(key, 0.0) + value * len(batch)
+            count += len(batch)
+        return {k: float(v) / max(1, count) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def validation_nll(self, task: str, features: CachedFeatures, batch_size: int = 64) -> float:
+        """Mean patch NLL (nats) of ``features`` under ``task``: every patch, eval mode."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in features.batches(batch_size):
+            batch = batch.to(self.device)
+            out = self.model(batch.patches, task, batch.context)
+            nll = patch_nll(out.z, out.logdet)
+            total, count = total + float(nll.sum()), count + nll.numel()
+        return total / max(1, count)
 
     @torch.no_grad()
     def add_prototype(self, task: str, features: CachedFeatures, batch_size: int = 64) -> None:
@@ -213,3 +315,27 @@ class ContinualTrainer:
             acc.update(routing_features(self.model, batch.to(self.device), self.router.cfg.feature).cpu())
         mean, precision = acc.finalize(self.router.cfg.covariance_reg, self.router.cfg.shrinkage)
         self.router.add(task, mean, precision)
+
+
+class _EarlyStopper:
+    """Keeps a copy of the trainable parameters at the best held-out NLL; says when to stop."""
+
+    def __init__(self, cfg: TrainConfig, params: list[torch.nn.Parameter]) -> None:
+        assert cfg.early_stopping is not None
+        self.cfg, self.params = cfg.early_stopping, params
+        self.best, self.best_epoch = math.inf, -1
+        self.saved: list[torch.Tensor] = []
+
+    def stop(self, epoch: int, value: float) -> bool:
+        """Record epoch ``epoch``'s held-out NLL; True when training should end now."""
+        if value < self.best - self.cfg.min_delta:
+            self.best, self.best_epoch = value, epoch
+            self.saved = [p.detach().clone() for p in self.params]
+        return epoch + 1 >= self.cfg.min_epochs and epoch - self.best_epoch >= self.cfg.patience
+
+    @torch.no_grad()
+    def restore(self) -> int | None:
+        """Put the best epoch's parameters back; returns that epoch (None if no epoch was recorded)."""
+        for param, value in zip(self.params, self.saved, strict=False):
+            param.copy_(value)
+        return self.best_epoch if self.saved else None

@@ -1,8 +1,9 @@
 """Training curves a person can watch: one record per epoch of every product learned.
 
 A record holds ``task``, ``epoch`` (from 1), ``loss`` and its parts (``nll``, ``tail``, ``logdet_penalty``,
-``whitening_reg``; absent when the config switches a part off), the learning rate ``lr`` and the epoch's
-``seconds``. Loggers (``moleflow learn/train --logger csv|tensorboard|mlflow``, repeatable):
+``whitening_reg``; absent when the config switches a part off), the learning rate ``lr``, the epoch's
+``seconds`` and, when the product trained with held-out normals (``train.early_stopping``), their mean
+patch NLL ``val_nll``. Loggers (``moleflow learn/train --logger csv|tensorboard|mlflow``, repeatable):
 
 - ``csv``: ``RUN_DIR/logs/training.csv``, one row per record, appended (the default);
 - ``tensorboard``: ``RUN_DIR/logs/tensorboard`` (``tensorboard --logdir RUN_DIR/logs``), scalars
@@ -30,7 +31,7 @@ __all__ = [
     "training_loggers",
 ]
 
-FIELDS = ("task", "epoch", "loss", "nll", "tail", "logdet_penalty", "whitening_reg", "lr", "seconds")
+FIELDS = ("task", "epoch", "loss", "nll", "tail", "logdet_penalty", "whitening_reg", "lr", "seconds", "val_nll")
 
 
 class TrainingLogger(Protocol):
@@ -52,8 +53,9 @@ class CSVLogger:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             new = not self.path.exists() or self.path.stat().st_size == 0
+            fields = FIELDS if new else _header(self.path)  # a file from an older moleflow keeps its columns
             self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed by close()
-            self._writer = csv.DictWriter(self._file, fieldnames=FIELDS, extrasaction="ignore")
+            self._writer = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
             if new:
                 self._writer.writeheader()
         self._writer.writerow(dict(record))
@@ -62,6 +64,11 @@ class CSVLogger:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), None) or list(FIELDS)
 
 
 class TensorBoardLogger:

@@ -78,8 +78,8 @@ COMPONENTS: dict[str, Component] = {
         ),
         Component(
             "router_metric",
-            "Mahalanobis router; off = Euclidean (only the routed matrix sees it)",
-            ("router.metric=euclidean",),
+            "Mahalanobis router; off = Euclidean (only the routed matrix sees it; a pooled covariance goes with it)",
+            ("router.metric=euclidean", "router.covariance=own"),
             ("router.metric=mahalanobis",),
         ),
     )

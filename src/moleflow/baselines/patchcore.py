@@ -14,6 +14,11 @@ Non-continual reference: one scorer per task, task id given, fitted on the SAME 
   test patch, ``m*`` its nearest bank patch and ``N_b(m*)`` the ``b`` bank patches nearest to ``m*``
   (``m*`` included, as in anomalib).
 
+Features (:func:`patchcore_backbone`): a faithful PatchCore next to a MoLE-Flow run takes the run's
+backbone, layers and input size, but PatchCore's patch grid: the stride of the finest selected layer, the
+coarser layers upsampled bilinearly to it, each layer 3x3-averaged first (sec. 3.1, "locally aware patch
+features"); with EfficientNet-Lite2 blocks.2 + blocks.4 at 224 px, 28x28 patches of 48 + 120 channels.
+
 Torch only, no faiss; pairwise distances are computed in chunks so memory stays bounded.
 """
 
@@ -21,7 +26,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PatchCoreScorer", "greedy_coreset", "nearest_neighbours"]
+from moleflow.config import BackboneConfig, replace
+
+__all__ = ["PatchCoreScorer", "greedy_coreset", "nearest_neighbours", "patchcore_backbone"]
+
+PATCHCORE_CORESET = 0.1  # the paper's 10 % memory bank (1 % and 25 % are its other settings)
+
+
+def patchcore_backbone(config: BackboneConfig) -> BackboneConfig:
+    """The feature config of a faithful PatchCore on ``config``'s backbone, layers, input size and width:
+    the finest selected layer's grid (coarser ones upsampled bilinearly) with a 3x3 local average."""
+    return replace(config, grid="finest", local_aggregation=3)
 
 
 def greedy_coreset(patches: torch.Tensor, num: int, projection_dim: int | None = 128, seed: int = 0) -> torch.Tensor:
@@ -35,7 +50,12 @@ def greedy_coreset(patches: torch.Tensor, num: int, projection_dim: int | None =
         seed: seeds the projection and the starting patch.
 
     Returns:
-        ``(num,)`` int64 indices into ``patches``, all distinct, in selection order. Cost ``O(P * num * d)``.
+        ``(num,)`` int64 indices into ``patches``, all distinct, in selection order.
+
+    The selection is exactly Algorithm 1's; only the update is pruned (Elkan-style triangle inequality):
+    a patch ``p`` whose nearest selected centre is ``a`` cannot get closer to the new centre ``c`` when
+    ``d(a, c) >= 2 d(p, a)``, since then ``d(p, c) >= d(a, c) - d(p, a) >= d(p, a)``. Only the other patches
+    are measured, which late in the selection is a small share of them (worst case ``O(P * num * d)``).
     """
     count = patches.shape[0]
     if not 1 <= num <= count:
@@ -46,18 +66,28 @@ def greedy_coreset(patches: torch.Tensor, num: int, projection_dim: int | None =
         proj = torch.randn(x.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         x = x @ proj.to(x.device)
     sq_norms = (x * x).sum(dim=1)
-    # Squared distance of every patch to its nearest selected one; selected patches are pinned at -1 so
-    # they are never picked again, even when duplicates leave all remaining distances at 0.
+    # Squared distance of every patch to its nearest selected one, that centre's rank, and twice the
+    # (unsquared) distance, the pruning threshold. Selected patches are pinned at -1 so they are never
+    # picked again, even when duplicates leave all remaining distances at 0, and never measured again.
     min_dist = torch.full((count,), float("inf"), device=x.device)
+    reach = torch.full((count,), float("inf"), device=x.device)
+    owner = torch.zeros(count, dtype=torch.long, device=x.device)
+    centres = x.new_empty(num, x.shape[1])
+    centre_sq = x.new_empty(num)
     selected = torch.empty(num, dtype=torch.long, device=x.device)
     current = int(torch.randint(count, (1,), generator=generator))
     for k in range(num):
-        selected[k] = current
+        selected[k], centres[k], centre_sq[k] = current, x[current], sq_norms[current]
         if k == num - 1:
             break
-        dist = sq_norms - 2.0 * (x @ x[current]) + sq_norms[current]
-        torch.minimum(min_dist, dist, out=min_dist)
-        min_dist[current] = -1.0
+        c = x[current]
+        between = (centre_sq[:k] - 2.0 * (centres[:k] @ c) + sq_norms[current]).clamp_min_(0.0).sqrt_()
+        todo = (between[owner] < reach).nonzero().squeeze(1) if k else torch.arange(count, device=x.device)
+        dist = sq_norms[todo] - 2.0 * (x[todo] @ c) + sq_norms[current]
+        closer = dist < min_dist[todo]
+        moved, dist = todo[closer], dist[closer]
+        min_dist[moved], owner[moved], reach[moved] = dist, k, 2.0 * dist.clamp_min(0.0).sqrt()
+        min_dist[current], reach[current] = -1.0, -1.0
         current = int(torch.argmax(min_dist))
     return selected
 
@@ -115,7 +145,7 @@ class PatchCoreScorer:
 
     def __init__(
         self,
-        coreset_ratio: float = 0.1,
+        coreset_ratio: float = PATCHCORE_CORESET,
         projection_dim: int | None = 128,
         reweight_neighbours: int = 0,
         seed: int = 0,

@@ -186,6 +186,8 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str])
     det = Detector.load(run_dir, device="cpu", progress=False)
     if not det.products:
         raise ExportError(f"run {run_dir} has no products yet; learn one first (moleflow learn {run_dir} NAME=SOURCE)")
+    if det.cfg.router.feature == "patch_gaussian":
+        raise ExportError(f"run {run_dir} routes with router.feature=patch_gaussian, which the export does not support")
     out = Path(out_dir)
     _check_out_dir(out, Path(run_dir))
     fingerprint = model_fingerprint(det.cfg)
@@ -208,7 +210,12 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str])
             model_fingerprint=fingerprint,
             preprocessing=preprocessing,
             backbone=backbone,
-            router={"graph": asdict(router), "metric": det.cfg.router.metric, "feature": det.cfg.router.feature},
+            router={
+                "graph": asdict(router),
+                "metric": det.cfg.router.metric,
+                "feature": det.cfg.router.feature,
+                "covariance": det.cfg.router.covariance,
+            },
             scoring=det.scoring_settings(),
             products=[_product(det, writer, name, backbone, key) for name in det.products],
         )

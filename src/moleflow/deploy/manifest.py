@@ -15,7 +15,7 @@ A reader trusts the manifest alone and checks every file's size and SHA-256 agai
 
 Manifest keys: ``format``, ``moleflow`` (version), ``created_at``, ``run`` (the source run directory),
 ``base_id``, ``model_fingerprint``, ``preprocessing`` (image size, mean, std, resize rule), ``backbone``
-(file, grid, widths, graph inputs and outputs), ``router`` (file, metric, feature), ``scoring`` (the
+(file, grid, widths, graph inputs and outputs), ``router`` (file, metric, feature, covariance), ``scoring`` (the
 settings the thresholds were calibrated under) and ``products``: per product ``name``, ``parts_id``,
 ``head`` and ``prototype`` files, and ``record`` (the run's task record: source, when learned, and the
 calibration: image threshold and centre, pixel threshold and centre, unknown-product routing threshold).

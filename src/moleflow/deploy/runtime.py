@@ -75,6 +75,12 @@ class OnnxDetector:
         if manifest.router["metric"] == "euclidean":
             precisions = [np.eye(self._means.shape[1])] * len(precisions)
         self._precisions = np.stack(precisions).astype(np.float64)  # (T, G, G)
+        # router.covariance=pooled (older manifests: own): the route under the inverse of the mean covariance,
+        # the reported distance (unknown products) under the routed product's own precision, as moleflow.routing
+        self._route_precisions = self._precisions
+        if manifest.router.get("covariance", "own") == "pooled":
+            pooled = np.linalg.inv(np.linalg.inv(self._precisions).mean(axis=0))
+            self._route_precisions = np.broadcast_to(0.5 * (pooled + pooled.T), self._precisions.shape).copy()
         pre, scoring = manifest.preprocessing, manifest.scoring
         self.image_size = int(pre["image_size"])
         self._maps = MapOperator(tuple(manifest.backbone["grid"]), self.image_size, float(scoring["smoothing_sigma"]))
@@ -150,7 +156,11 @@ class OnnxDetector:
         """``(product index (B,), squared distance (B,) float64)`` of the nearest prototype per image."""
         feeds = {"features": routing.astype(np.float64), "means": self._means, "precisions": self._precisions}
         (distances,) = self._router.run(["distances"], feeds)
-        index = distances.argmin(axis=1)
+        if self._route_precisions is self._precisions:
+            index = distances.argmin(axis=1)
+        else:
+            (routing_distances,) = self._router.run(["distances"], {**feeds, "precisions": self._route_precisions})
+            index = routing_distances.argmin(axis=1)
         return index, distances[np.arange(len(index)), index]
 
     def score(self, feats: dict[str, np.ndarray], index: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 ``extract_features`` streams a task's samples through a DataLoader (image decoding and resizing in
 the workers, the backbone in the main process) into :class:`CachedFeatures`, which slices, batches,
 and saves to / loads from safetensors. A saved cache carries a fingerprint of the backbone config
-(name, image size, layers, embed_dim, pretrained) and is refused under a different one.
+(name, image size, layers, embed_dim, pretrained; grid and local aggregation when not at their defaults)
+and is refused under a different one.
 
 Memory: ``dtype=torch.float16`` halves the size of ``patches`` and ``context`` (e.g. 300 ViT images:
 180 MB -> 90 MB); ``pooled`` stays float32 because the router inverts its covariance.
@@ -54,6 +55,10 @@ class SupportsLoadImage(Protocol):
         ...
 
 
+#: Backbone keys added after caches and runs were first written, with the value all of those had.
+LEGACY_BACKBONE: dict[str, Any] = {"grid": "coarsest", "local_aggregation": 3}
+
+
 def cache_fingerprint(config: BackboneConfig, **extra: Any) -> dict[str, Any]:
     """JSON-able identity of the features a config produces; ``extra`` adds keys (e.g. a sample digest)."""
     fingerprint = {
@@ -62,6 +67,8 @@ def cache_fingerprint(config: BackboneConfig, **extra: Any) -> dict[str, Any]:
         "layers": list(config.layers),
         "embed_dim": config.embed_dim,
         "pretrained": config.pretrained,
+        # newer keys only when they differ from what every earlier cache had: those caches stay valid
+        **{k: getattr(config, k) for k, legacy in LEGACY_BACKBONE.items() if getattr(config, k) != legacy},
         **extra,
     }
     return json.loads(json.dumps(fingerprint, sort_keys=True))

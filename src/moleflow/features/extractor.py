@@ -2,9 +2,12 @@
 
 Aggregation follows PatchCore (Roth et al., CVPR 2022, sec. 3.1):
 
-- CNN: every selected layer map gets a local 3x3 average (stride 1, padding 1, i.e. neighbourhood
-  aggregation), is adaptive-average-pooled to the grid of the coarsest selected layer, and the layers are
-  concatenated along channels. If the concatenated width differs from ``embed_dim`` it is reduced by
+- CNN: every selected layer map gets a local k x k average (``local_aggregation``, 3 by default; stride 1,
+  zero padding, i.e. neighbourhood aggregation), is brought to the patch grid and the layers are
+  concatenated along channels. The grid (``grid``) is that of the coarsest selected layer (finer maps are
+  adaptive-average-pooled down to it; the offline preset) or that of the finest (coarser maps are upsampled
+  bilinearly to it, PatchCore's choice: stride-8 patches from a stride-8 and a stride-16 layer). If the
+  concatenated width differs from ``embed_dim`` it is reduced by
   adaptive average pooling over the channel axis (PatchCore's aggregator); e.g. wide_resnet50_2
   layer2 + layer3 = 512 + 1024 = 1536 -> 768 averages adjacent channel pairs, so layer2 keeps 256 and
   layer3 512 of the 768 channels.
@@ -72,15 +75,29 @@ def pool_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(x.reshape(b * h * w, 1, c), dim).reshape(b, h, w, dim)
 
 
-def cnn_patches(maps: Sequence[torch.Tensor], grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """[(B, C_l, H_l, W_l)] -> (B, H, W, dim): 3x3 local average, pool to ``grid``, concat, channel pool."""
-    parts = [F.adaptive_avg_pool2d(F.avg_pool2d(m, 3, stride=1, padding=1), grid) for m in maps]
+def to_grid(m: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H_l, W_l) -> (B, C, *grid): adaptive average pooling down, bilinear interpolation up."""
+    if tuple(m.shape[-2:]) == tuple(grid):
+        return m
+    if m.shape[-2] >= grid[0] and m.shape[-1] >= grid[1]:
+        return F.adaptive_avg_pool2d(m, grid)
+    return F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+
+
+def local_average(m: torch.Tensor, kernel: int) -> torch.Tensor:
+    """(B, C, H, W) -> same shape: ``kernel`` x ``kernel`` mean with zero padding (PatchCore); 1 = identity."""
+    return m if kernel == 1 else F.avg_pool2d(m, kernel, stride=1, padding=kernel // 2)
+
+
+def cnn_patches(maps: Sequence[torch.Tensor], grid: tuple[int, int], dim: int, kernel: int = 3) -> torch.Tensor:
+    """[(B, C_l, H_l, W_l)] -> (B, H, W, dim): local average, resample to ``grid``, concat, channel pool."""
+    parts = [to_grid(local_average(m, kernel), grid) for m in maps]
     return pool_channels(torch.cat(parts, dim=1).permute(0, 2, 3, 1), dim)
 
 
 def cnn_context(maps: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-    """[(B, C_l, H_l, W_l)] -> (B, H, W, sum C_l): raw maps pooled to ``grid`` and concatenated."""
-    return torch.cat([F.adaptive_avg_pool2d(m, grid) for m in maps], dim=1).permute(0, 2, 3, 1)
+    """[(B, C_l, H_l, W_l)] -> (B, H, W, sum C_l): raw maps resampled to ``grid`` and concatenated."""
+    return torch.cat([to_grid(m, grid) for m in maps], dim=1).permute(0, 2, 3, 1)
 
 
 def vit_patches(maps: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
@@ -183,7 +200,7 @@ class FeatureExtractor(nn.Module):
             x = x.contiguous(memory_format=self.memory_format)
             maps, pooled = self.backbone(x)
             if self.backbone.kind == "cnn":
-                patches = cnn_patches(maps, self._grid, self._embed_dim)
+                patches = cnn_patches(maps, self._grid, self._embed_dim, self.config.local_aggregation)
                 context: torch.Tensor | None = cnn_context(maps, self._grid)
             else:
                 patches, context = vit_patches(maps, self._embed_dim), None
@@ -200,9 +217,10 @@ class FeatureExtractor(nn.Module):
         return self(self.preprocess(images))
 
     def _probe_grid(self) -> tuple[int, int]:
-        """Grid of the coarsest selected layer, read off one forward pass at the configured size."""
+        """Grid of the coarsest (or, ``grid="finest"``, the finest) selected layer, read off one forward pass."""
         probe = torch.zeros(1, 3, self.image_size, self.image_size)
         with torch.inference_mode():
             maps, _ = self.backbone(probe)
-        h, w = min((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
+        pick = max if self.config.grid == "finest" and self.backbone.kind == "cnn" else min
+        h, w = pick((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
         return int(h), int(w)
