@@ -211,8 +211,9 @@ def markdown(summary: dict) -> str:
         for m in METRICS:
             pc = row["patchcore"][m] if row["patchcore"] else None
             cells.append(f"{pct(row['routed'][m])} / {pct(row['oracle'][m])} / {pct(pc)}")
-        cells.append(f"{row['epochs_run']}" + (f" (best {row['best_epoch'] + 1})" if row["best_epoch"] is not None else ""))
-        cells.append(f"{row['train_seconds']:.0f} ({row['train_seconds_per_300']:.0f})")
+        cells.append(f"{row['epochs_run'] or '–'}" + (f" (best {row['best_epoch'] + 1})" if row["best_epoch"] is not None else ""))
+        seconds = row["train_seconds"]
+        cells.append("–" if seconds is None else f"{seconds:.0f} ({row['train_seconds_per_300']:.0f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     means = []
     for m in METRICS:
@@ -268,9 +269,10 @@ def rescore(args, out: Path):
         raise SystemExit(f"--rescore {run}: only scoring.* and router.* may be overridden (the models are not retrained)")
     exp.detector.cfg, exp.router.cfg = cfg, cfg.router  # in memory only: the copy's config.yaml stays the run's
     exp.session.evaluate()
-    previous = json.loads((run / "summary.json").read_text())["tasks"]
     keys = ("train_seconds", "epochs_run", "best_epoch", "validation_nll", "fit_images", "train_seconds_per_300")
-    return cfg, exp.session.results(), {name: {k: row[k] for k in keys} for name, row in previous.items()}
+    summary = run / "summary.json"  # absent for a run made by `moleflow learn`: no training rows then
+    previous = json.loads(summary.read_text())["tasks"] if summary.is_file() else {n: {} for n in exp.detector.products}
+    return cfg, exp.session.results(), {name: {k: row.get(k) for k in keys} for name, row in previous.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -164,7 +164,10 @@ class Router:
     def log_dets(self) -> torch.Tensor:
         """``log|P_t|`` per task ``(T,)`` float64, computed once per set of tasks."""
         if self._log_dets is None:
-            self._log_dets = torch.linalg.slogdet(self.precisions)[1]
+            # from the Cholesky factors (the precisions are SPD): batched slogdet runs MKL's threaded LU inside
+            # torch's own parallel loop, which was seen to spin forever on a busy 2-core machine
+            chol = torch.linalg.cholesky(self.precisions)
+            self._log_dets = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1)
         return self._log_dets
 
     def patch_nll(self, patches: torch.Tensor) -> torch.Tensor:
