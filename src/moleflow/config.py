@@ -220,6 +220,9 @@ class TrainConfig(Section):
     """learning-rate multiplier per parameter group (see MoLEFlow.parameter_groups)."""
     base_policy: Literal["frozen_after_first", "always_trainable"] = "frozen_after_first"
     """frozen_after_first: MoLE-Flow.  always_trainable: the unfrozen-base baseline (forgets)."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """compute of the head's training steps: fp32, bf16 (matmuls under autocast; latents, log-dets, loss and
+    weights stay float32) or auto (bf16 where native: CUDA, a CPU with AMX). See moleflow.precision."""
 
     @field_validator("lr_multipliers")
     @classmethod
@@ -249,6 +252,9 @@ class ScoringConfig(Section):
     top_k: StrictInt = Field(3, ge=1)
     smoothing_sigma: NonNegative = 4.0
     """Gaussian sigma in pixels of the input image; 0 disables."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """compute of the head when scoring (thresholds are calibrated with it too): fp32, bf16 or auto, as
+    train.precision; bf16 moves patch scores by about 1e-3 of their scale (docs/PERFORMANCE.md)."""
 
 
 class CalibrationConfig(Section):
