@@ -211,7 +211,9 @@ def markdown(summary: dict) -> str:
         for m in METRICS:
             pc = row["patchcore"][m] if row["patchcore"] else None
             cells.append(f"{pct(row['routed'][m])} / {pct(row['oracle'][m])} / {pct(pc)}")
-        cells.append(f"{row['epochs_run'] or '–'}" + (f" (best {row['best_epoch'] + 1})" if row["best_epoch"] is not None else ""))
+        cells.append(
+            f"{row['epochs_run'] or '–'}" + (f" (best {row['best_epoch'] + 1})" if row["best_epoch"] is not None else "")
+        )
         seconds = row["train_seconds"]
         cells.append("–" if seconds is None else f"{seconds:.0f} ({row['train_seconds_per_300']:.0f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -207,3 +207,25 @@ def test_merged_weights_are_folded_in_full_precision_under_autocast() -> None:
     weight, _ = layer._merged["a"][1:]
     assert weight.dtype == torch.float32
     torch.testing.assert_close(weight, layer.merged_weight("a").detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train_base", [True, False])
+def test_both_training_paths_give_the_low_rank_outputs_and_gradients(train_base: bool) -> None:
+    """Base trainable: one matmul with ``W + scale B A`` formed per call; frozen: ``addmm`` of the low-rank
+    term onto ``W x + b``. Either must give ``W x + b + b_t + scale B (A x)`` and its gradients."""
+    layer = _trained_layer().train()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    trainable = [layer.lora_A["a"], layer.lora_B["a"], layer.task_bias["a"]]
+    if train_base:
+        trainable += [layer.base.weight, layer.base.bias]
+    for p in trainable:
+        p.requires_grad_(True)
+    x, g = randn(2, 3, 6), randn(2, 3, 5, seed=6)
+    grads = {}
+    for name, fn in (("layer", lambda: layer(x, "a")), ("by hand", lambda: _unmerged(layer, x, "a"))):
+        out = fn()
+        grads[name] = (out, torch.autograd.grad(out, trainable, g))
+    torch.testing.assert_close(grads["layer"][0], grads["by hand"][0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads["layer"][1], grads["by hand"][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -19,6 +19,9 @@ def _counted(cfg, grid, context_dim=None, batch=2, training: bool = False) -> in
     torch.manual_seed(0)
     model = MoLEFlow(cfg, context_dim).train(training)
     model.add_task("a")
+    # a training forward with the base frozen (a later task's): the adapters run as two low-rank matmuls; with
+    # the base trainable they run folded into W per call (moleflow.flow.lora), which head_flops does not count
+    model.set_trainable("a", train_base=False)
     patches = torch.randn(batch, *grid, cfg.backbone.embed_dim)
     context = torch.randn(batch, *grid, context_dim) if context_dim else None
     with torch.set_grad_enabled(training):

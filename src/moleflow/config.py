@@ -249,6 +249,9 @@ class TrainConfig(Section):
     steps: StrictInt | None = Field(None, ge=1)
     """optimizer steps per task: when set, each task trains round(steps / batches per epoch) epochs (at least 1)
     instead of ``epochs``, so every product costs about the same and a small one still gets enough steps."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """compute of the head's training steps: fp32, bf16 (matmuls under autocast; latents, log-dets, loss and
+    weights stay float32) or auto (bf16 where native: CUDA, a CPU with AMX). See moleflow.precision."""
 
     @field_validator("lr_multipliers")
     @classmethod
@@ -303,6 +306,9 @@ class ScoringConfig(Section):
     top_k: StrictInt = Field(3, ge=1)
     smoothing_sigma: NonNegative = 4.0
     """Gaussian sigma in pixels of the input image; 0 disables."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """compute of the head when scoring (thresholds are calibrated with it too): fp32, bf16 or auto, as
+    train.precision; bf16 moves patch scores by about 1e-3 of their scale (docs/PERFORMANCE.md)."""
 
 
 class CalibrationConfig(Section):

@@ -9,6 +9,7 @@ import torch
 from moleflow.config import ScoringConfig
 from moleflow.features.cache import CachedFeatures
 from moleflow.flow.model import MoLEFlow
+from moleflow.precision import autocast
 from moleflow.routing import Router
 from moleflow.scoring import image_scores, patch_scores
 from moleflow.training import routing_features
@@ -62,7 +63,8 @@ def score_features(
     for t in torch.unique(task_index).tolist():
         rows = (task_index == t).nonzero().squeeze(1)
         group = features[rows]
-        out = model(group.patches, router.tasks[t], group.context)
+        with autocast(group.patches.device, scoring.precision):  # z, logdet stay float32
+            out = model(group.patches, router.tasks[t], group.context)
         scores[rows] = patch_scores(out.z, out.logdet)
     if not torch.isfinite(scores).all():
         raise FloatingPointError("non-finite anomaly scores: the input features contain NaN/inf or the model diverged")

@@ -28,6 +28,7 @@ from moleflow.config import MoleFlowConfig, TrainConfig
 from moleflow.features.cache import CachedFeatures
 from moleflow.flow.model import FlowOutput, MoLEFlow
 from moleflow.losses import logdet_penalty, patch_nll, tail_mean
+from moleflow.precision import autocast
 from moleflow.routing import PrototypeAccumulator, Router
 from moleflow.training_log import TrainingLogger
 
@@ -162,7 +163,8 @@ class ContinualTrainer:
         ``identity_reg_tasks = "first"``); ``None``: it is the model's first task.
         """
         lcfg, model = self.cfg.loss, self.model
-        out = flow_on_patch_subset(model, batch, task, self.cfg.train.patch_fraction, generator)
+        with autocast(batch.patches.device, self.cfg.train.precision):  # the head's matmuls; z, logdet float32
+            out = flow_on_patch_subset(model, batch, task, self.cfg.train.patch_fraction, generator)
         nll = patch_nll(out.z, out.logdet)
         mean = nll.mean()
         parts = {"nll": mean.detach()}

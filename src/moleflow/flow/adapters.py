@@ -61,8 +61,9 @@ class WhiteningAdapter(nn.Module):
 
 
 def _depthwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Apply a channel-first conv to a channel-last grid: ``(B, H, W, C) -> (B, H, W, C')``."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    """Apply a channel-first conv to a channel-last grid: ``(B, H, W, C) -> (B, H, W, C')`` in ``x``'s dtype
+    (float32 under bf16 autocast, see moleflow.precision)."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).to(x.dtype)
 
 
 class SpatialContextMixer(nn.Module):

@@ -40,7 +40,7 @@ class DIACoupling(nn.Module):
         return torch.cat([passive, active] if self.passive_first else [active, passive], dim=-1)
 
     def _coefficients(self, passive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.out_layer(F.relu(self.hidden_layer(passive)))
+        out = self.out_layer(F.relu(self.hidden_layer(passive))).to(passive.dtype)  # float32 under bf16 autocast
         s = self.clamp * torch.tanh(out[..., : self.half] / self.clamp)
         return s, out[..., self.half :]
 

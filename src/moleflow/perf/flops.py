@@ -26,8 +26,10 @@ def head_flops(
     """Analytic matmul + convolution FLOPs of one image through the head (``MoLEFlow.forward``).
 
     See the module docstring for the convention. ``with_lora=True`` counts every LoRA adapter as its
-    own two low-rank matmuls, as training runs them; ``False`` counts the deployed head, where
-    inference (eval mode, no autograd) runs each adapter folded into its base weight.
+    own two low-rank matmuls, as training with a frozen base runs them (the first task, base trainable,
+    folds them into the weight per call instead: ``out * in * rank`` multiply-adds per layer and batch, not
+    per patch, not counted); ``False`` counts the deployed head, where inference (eval mode, no autograd)
+    runs each adapter folded into its base weight.
     """
     d = cfg.backbone.embed_dim
     per_patch = 0
