@@ -114,7 +114,9 @@ def test_the_pooled_default_survives_the_run_directory_and_routes_as_computed_by
     feats = detector.extractor.extract(images)  # what predict routes on
     x = routing_features(detector.model, feats, "patch_mean").double().cpu()
     means, precisions = router.means.cpu(), router.precisions.cpu()
-    pooled = torch.linalg.inv(torch.linalg.inv(precisions).mean(dim=0))
+    # numpy's own LAPACK, as an independent reference (and torch's batched LU, nested in its thread pool, has
+    # been seen to spin for minutes on a loaded 2-core machine)
+    pooled = torch.from_numpy(np.linalg.inv(np.linalg.inv(precisions.numpy()).mean(axis=0)))
     diff = x[:, None] - means[None]
     route = torch.einsum("btg,gh,bth->bt", diff, pooled, diff).argmin(dim=1)
     own = torch.einsum("btg,tgh,bth->bt", diff, precisions, diff)[torch.arange(len(x)), route]
