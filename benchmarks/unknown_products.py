@@ -37,8 +37,8 @@ def rejection_ratios(detector: Detector, features) -> np.ndarray:
     return scored.distances.numpy() / limits
 
 
-def leave_one_out(run_dir: Path, margins: list[float]) -> dict:
-    session = RunSession(Detector.load(run_dir, progress=False))
+def leave_one_out(run_dir: Path, margins: list[float], feature_cache: Path | None = None) -> dict:
+    session = RunSession(Detector.load(run_dir, progress=False, feature_cache=feature_cache))
     detector = session.detector
     sets = {name: session.eval_set(name) for name in detector.products}
     missing = [n for n, es in sets.items() if es is None]
@@ -104,9 +104,10 @@ def main() -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR)")
     p.add_argument("--margins", default="1,3,10,30", help="other unknown margins to report (comma-separated)")
+    p.add_argument("--feature-cache", type=Path, help="backbone features kept between runs (as moleflow learn's)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = leave_one_out(args.run_dir, [float(m) for m in args.margins.split(",") if m])
+    result = leave_one_out(args.run_dir, [float(m) for m in args.margins.split(",") if m], args.feature_cache)
     out = args.out or args.run_dir
     write_json_atomic(result, out / "unknown_products.json")
     write_text_atomic(markdown(result), out / "unknown_products.md")
