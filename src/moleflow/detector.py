@@ -42,6 +42,7 @@ from moleflow.maps import MAX_MAP_SIDE, map_shape, resize_map
 from moleflow.names import check_task_name
 from moleflow.portable import DetectorState, ProductState, add_product, build_model, detector_state, product_state
 from moleflow.prediction import Prediction, decide, iter_inputs, make_prediction
+from moleflow.products import ProductRecords
 from moleflow.rundir import RunDirectory, RunDirectoryError, RunIndex, TaskRecord
 from moleflow.sources import ResolvedSource, calibration_samples, holdout_split, resolve_source
 from moleflow.training import ContinualTrainer, product_seed, routing_features
@@ -82,7 +83,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-class Detector:
+class Detector(ProductRecords):
     """See the module docstring. Build one with :meth:`create` or :meth:`load`, not the constructor."""
 
     def __init__(
@@ -214,21 +215,6 @@ class Detector:
         return sum(backbone.channels)
 
     # ------------------------------------------------------------------ what it holds
-
-    @property
-    def products(self) -> list[str]:
-        """Product names in the router's order."""
-        return list(self.records)
-
-    def tasks(self) -> list[TaskRecord]:
-        """One record per product: name, images learned, when, source, seed, calibration."""
-        return list(self.records.values())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.records
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __repr__(self) -> str:
         where = f", run={str(self.run.path)!r}" if self.run else ""

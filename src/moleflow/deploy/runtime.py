@@ -29,6 +29,7 @@ from moleflow.deploy.arrays import MapOperator, image_batch, image_scores
 from moleflow.deploy.manifest import ExportError, FileEntry, Manifest
 from moleflow.maps import MAX_MAP_SIDE, map_shape, resize_map
 from moleflow.prediction import Prediction, iter_inputs, make_prediction
+from moleflow.products import ProductRecords
 from moleflow.rundir import TaskRecord
 
 __all__ = ["DEFAULT_BATCH", "OnnxDetector"]
@@ -49,7 +50,7 @@ def _providers(device: str | None) -> list[str]:
     raise ExportError(f"unknown device {name!r} for the onnx runtime; use cpu or cuda")
 
 
-class OnnxDetector:
+class OnnxDetector(ProductRecords):
     """The products of an export directory; build one with :meth:`load` (module docstring)."""
 
     def __init__(self, root: Path, manifest: Manifest, *, device: str | None = None, threads: int | None = None) -> None:
@@ -125,20 +126,6 @@ class OnnxDetector:
         return self._heads[name]
 
     # ------------------------------------------------------------------ what it holds
-
-    @property
-    def products(self) -> list[str]:
-        """Product names in the router's order."""
-        return list(self.records)
-
-    def tasks(self) -> list[TaskRecord]:
-        return list(self.records.values())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.records
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __repr__(self) -> str:
         return f"OnnxDetector(products={self.products}, export={str(self.root)!r})"
