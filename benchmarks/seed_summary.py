@@ -58,7 +58,8 @@ def aggregate(runs: list[dict]) -> dict:
             verdict[key] = mean_std([(run["results"]["calibration"][name].get("test") or {}).get(key) for run in runs])
         tasks[name] = {"metrics": cells, "verdict": verdict}
     routing = mean_std([run["results"]["routing"]["accuracy"] for run in runs])
-    return {"runs": len(runs), "seeds": [run["summary"]["seed"] for run in runs], "tasks": tasks, "routing": routing}
+    seeds = [run["summary"]["config"]["train"]["seed"] for run in runs]  # the runs' own train.seed
+    return {"runs": len(runs), "seeds": seeds, "tasks": tasks, "routing": routing}
 
 
 def _pct(cell: tuple[float, float] | None) -> str:
