@@ -41,7 +41,7 @@ from moleflow.inference import ScoredBatch, score_features
 from moleflow.maps import MAX_MAP_SIDE, map_shape, resize_map
 from moleflow.names import check_task_name
 from moleflow.portable import DetectorState, ProductState, add_product, build_model, detector_state, product_state
-from moleflow.prediction import Prediction, decide, iter_inputs, make_prediction
+from moleflow.prediction import Prediction, decide, input_batches, make_prediction
 from moleflow.products import ProductRecords
 from moleflow.rundir import RunDirectory, RunDirectoryError, RunIndex, TaskRecord
 from moleflow.sources import ResolvedSource, calibration_samples, holdout_split, resolve_source
@@ -559,13 +559,7 @@ class Detector(ProductRecords):
         if not self.records:
             raise DetectorError("this model has no products yet; learn one first (moleflow learn RUN NAME=SOURCE)")
         batch_size = batch_size or self.cfg.train.batch_size
-        chunk: list[tuple[np.ndarray, str]] = []
-        for item in iter_inputs(images):
-            chunk.append(item)
-            if len(chunk) == batch_size:
-                yield from self._predict_batch(chunk, max_map_side)
-                chunk = []
-        if chunk:
+        for chunk in input_batches(images, batch_size):
             yield from self._predict_batch(chunk, max_map_side)
 
     def _predict_batch(self, chunk: list[tuple[np.ndarray, str]], max_map_side: int) -> list[Prediction]:

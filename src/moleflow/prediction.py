@@ -155,6 +155,18 @@ def _array_to_rgb(array: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def input_batches(images: Any, batch_size: int) -> Iterator[list[tuple[np.ndarray, str]]]:
+    """:func:`iter_inputs` in lists of at most ``batch_size`` images (decoded one batch ahead, no more)."""
+    chunk: list[tuple[np.ndarray, str]] = []
+    for item in iter_inputs(images):
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def iter_inputs(images: Any) -> Iterator[tuple[np.ndarray, str]]:
     """``(rgb (H, W, 3) uint8, label)`` per image of a single input, a sequence, or a 4-D batch."""
     if isinstance(images, (str, Path)) or _is_single(images):

@@ -28,7 +28,7 @@ import numpy as np
 from moleflow.deploy.arrays import MapOperator, image_batch, image_scores
 from moleflow.deploy.manifest import ExportError, FileEntry, Manifest
 from moleflow.maps import MAX_MAP_SIDE, map_shape, resize_map
-from moleflow.prediction import Prediction, iter_inputs, make_prediction
+from moleflow.prediction import Prediction, input_batches, make_prediction
 from moleflow.products import ProductRecords
 from moleflow.rundir import TaskRecord
 
@@ -170,13 +170,7 @@ class OnnxDetector(ProductRecords):
     ) -> Iterator[Prediction]:
         """:meth:`predict` one batch at a time, for long streams of images."""
         batch_size = batch_size or DEFAULT_BATCH
-        chunk: list[tuple[np.ndarray, str]] = []
-        for item in iter_inputs(images):
-            chunk.append(item)
-            if len(chunk) == batch_size:
-                yield from self._predict_batch(chunk, max_map_side)
-                chunk = []
-        if chunk:
+        for chunk in input_batches(images, batch_size):
             yield from self._predict_batch(chunk, max_map_side)
 
     def _predict_batch(self, chunk: list[tuple[np.ndarray, str]], max_map_side: int) -> list[Prediction]:
