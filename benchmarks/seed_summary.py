@@ -83,7 +83,8 @@ def markdown(agg: dict, commands: list[str]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"✓ at or above PatchCore, ✗ below it: {below} cells below.", ""]
     lines += [f"Routing accuracy over all test images: {_pct(agg['routing'])}", ""]
-    lines += ["| product | recall (defective flagged) | false alarms (normal flagged) | rejected as unknown |", "|---|---|---|---|"]
+    lines += ["| product | recall (defective flagged) | false alarms (normal flagged) | rejected as unknown |"]
+    lines += ["|---|---|---|---|"]
     for name, row in agg["tasks"].items():
         v = row["verdict"]
         lines.append(f"| {name} | {_pct(v['recall'])} | {_pct(v['false_alarm_rate'])} | {_pct(v['unknown_rate'])} |")
