@@ -208,6 +208,11 @@ def test_commands_name_what_is_missing(tmp_path):
     args = _parser().parse_args(["routing", str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="results.json"):
         args.func(args)
+    # a run learned with --eval none: results.json exists, its confusion is all zeros
+    (tmp_path / "results.json").write_text(json.dumps({"tasks": ["x"], "routing": {"accuracy": None, "confusion": [[0]]}}))
+    with pytest.raises(ValueError, match="no test image has been evaluated yet.*moleflow eval"):
+        args.func(args)
+    assert not (tmp_path / "o" / "routing.md").exists()
     args = _parser().parse_args(["dia", str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(RunDirectoryError, match="config.yaml and tasks.json missing"):
         args.func(args)

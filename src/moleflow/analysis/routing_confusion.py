@@ -116,6 +116,9 @@ def run_routing_analysis(run: Path, out: Path) -> dict[str, Any]:
     routing = results.get("routing")
     if not isinstance(routing, dict) or "confusion" not in routing or "tasks" not in results:
         raise ValueError(f"{run}: results.json has no routing section (written by moleflow >= 0.1 `train`/`eval`)")
+    if not np.asarray(routing["confusion"]).sum():  # e.g. learned with --eval none: a table of zeros says nothing
+        hint = f"run `moleflow eval {run}`"
+        raise ValueError(f"{run}: no test image has been evaluated yet (learned with --eval none?); {hint}")
     summary = routing_summary(list(results["tasks"]), routing["confusion"])
     summary["run"] = str(Path(run).resolve())
     write_analysis(
