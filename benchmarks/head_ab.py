@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ from types import ModuleType
 
 import torch
 
+from moleflow.atomic import write_json_atomic
 from moleflow.config import apply_overrides, preset
 from moleflow.perf.sections import build_head, random_features
 from moleflow.precision import autocast
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json_atomic(result, args.json)
     return 0
 
 

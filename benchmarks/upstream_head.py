@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -44,6 +43,7 @@ from types import ModuleType, SimpleNamespace
 
 import torch
 
+from moleflow.atomic import write_json_atomic
 from moleflow.config import apply_overrides, preset
 from moleflow.losses import patch_nll, tail_mean
 from moleflow.perf.flops import head_flops
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json_atomic(result, args.json)
     return 0
 
 
