@@ -86,6 +86,20 @@ def test_to_markdown_on_fake_result():
                 "head_efficiency": 0.35,
             }
         ],
+        "head_bound": [
+            {
+                "preset": "offline",
+                "batch": 8,
+                "bytes_per_flop": 0.21,
+                "matmul_time_share": 0.4,
+                "matmul_flops_per_s": 6e10,
+                "matmul_efficiency": 0.6,
+                "other_bytes_per_s": 8e9,
+                "other_pass_efficiency": 0.17,
+                "bound_efficiency": 1.0,
+                "top_operators": [{"op": "linear", "time_share": 0.4}, {"op": "mul", "time_share": 0.12}],
+            }
+        ],
         "train": [
             {
                 "preset": "offline",
@@ -164,6 +178,7 @@ def test_to_markdown_on_fake_result():
     assert "extrapolated" in text and "**80 s**" in text and "| 123 s (40 epochs) |" in text
     assert "| 4.0x | 1.5 | 0.2% |" in text  # routing: speed-up, tasks evaluated, share of inference
     assert "| merged LoRA | separate | merged | 3.0 | 1.5 | 2.00x | max abs diff 1e-06 |" in text
+    assert "| offline | 8 | 0.210 | 40% | 60.00 GFLOP/s (60%) | 8.00 GB/s (17%) | 100% | mul 12% |" in text
     assert to_markdown({}).startswith("# moleflow bench")
 
 
@@ -181,3 +196,23 @@ def test_synthetic_router_precisions_invert_the_covariances_and_queries_route_ho
     assert x.shape == (200, 12) and x.dtype == torch.float32
     nearest = router.distances(x).argmin(dim=1)
     assert torch.equal(router.route(x), nearest)
+
+
+def test_operator_traffic_counts_bytes_and_flops_of_hand_computed_cases():
+    from moleflow.perf.traffic import operator_traffic, roofline
+
+    a, b, c = (torch.rand(1000) for _ in range(3))
+    elementwise = operator_traffic(lambda: a * b + c)  # mul: 2 reads + 1 write, add: the same; 4 bytes each
+    assert elementwise["bytes"] == 2 * 3 * 4000 and elementwise["flops"] == 0 and elementwise["operator_calls"] == 2
+    x, w = torch.rand(64, 32), torch.rand(16, 32)
+    matmul = operator_traffic(lambda: x @ w.t())  # the transpose is a view: nothing moves
+    assert matmul["flops"] == 2 * 64 * 32 * 16
+    assert matmul["bytes"] == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+    assert matmul["matmul_time_share"] == pytest.approx(1.0)
+    same = operator_traffic(lambda: a.to(torch.float32).view(10, 100))  # aliases of a: no pass
+    assert same["bytes"] == 0
+    inplace = operator_traffic(lambda: b.clone().add_(a))  # clone: read + write; add_: 2 reads + 1 write
+    assert inplace["bytes"] == 2 * 4000 + 3 * 4000
+    bound = roofline({"flops": 1000, "bytes": 500}, pass_rate=10.0, ceiling=100.0)  # 2 FLOP/B x 10 B/s = 20 FLOP/s
+    assert bound["attainable_flops_per_s"] == 20.0 and bound["bound_efficiency"] == 0.2
+    assert roofline({"flops": 1000, "bytes": 1}, pass_rate=10.0, ceiling=100.0)["bound_efficiency"] == 1.0

@@ -248,9 +248,9 @@ class Detector(ProductRecords):
     def extractor(self):
         """The frozen backbone (built on first use: loading its weights takes a moment)."""
         if self._extractor is None:
-            from moleflow.features.extractor import FeatureExtractor
+            from moleflow.features.extractor import extractor_for
 
-            self._extractor = FeatureExtractor(self.cfg.model.backbone).to(self.device)
+            self._extractor = extractor_for(self.cfg).to(self.device)
         return self._extractor
 
     def features(self, samples: Sequence[Sample], desc: str = "features") -> CachedFeatures:

@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+
+from moleflow.maps import gaussian_matrix, upsample_matrix
 
 __all__ = ["MapOperator", "gaussian_matrix", "image_batch", "image_scores", "upsample_matrix"]
 
@@ -45,36 +46,6 @@ def image_batch(images: Sequence[np.ndarray], size: int, mean: Sequence[float], 
     m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
     return (out - m) / s
-
-
-def upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """``(n_out, n_in)`` float64: 1-D bilinear interpolation with ``align_corners=False`` (torch's rule:
-    source ``(i + 0.5) * n_in / n_out - 0.5``, clamped at 0; the upper neighbour clamped at the edge)."""
-    u = np.zeros((n_out, n_in))
-    scale = n_in / n_out
-    for i in range(n_out):
-        src = max((i + 0.5) * scale - 0.5, 0.0)
-        lo = min(int(math.floor(src)), n_in - 1)
-        hi = min(lo + 1, n_in - 1)
-        frac = src - lo
-        u[i, lo] += 1.0 - frac
-        u[i, hi] += frac
-    return u
-
-
-def gaussian_matrix(n: int, sigma: float) -> np.ndarray:
-    """``(n, n)`` float64: 1-D Gaussian smoothing with edge-replicate padding, the kernel of
-    :func:`moleflow.scoring.gaussian_kernel1d` (radius ``ceil(4 sigma)``, at least 1); identity for ``sigma <= 0``."""
-    if sigma <= 0:
-        return np.eye(n)
-    radius = max(1, int(math.ceil(4.0 * sigma)))
-    offsets = np.arange(-radius, radius + 1)
-    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel /= kernel.sum()
-    g = np.zeros((n, n))
-    for i in range(n):
-        np.add.at(g[i], np.clip(i + offsets, 0, n - 1), kernel)
-    return g
 
 
 class MapOperator:

@@ -66,7 +66,7 @@ class BackboneGraph(nn.Module):
         self.with_context = model.scale_context is not None
         s, (h, w) = extractor.image_size, extractor.grid
         with torch.inference_mode():
-            maps, _ = self.backbone(torch.zeros(1, 3, s, s))
+            maps, _ = self.backbone(torch.zeros(1, 3, s, s), pooled=False)
         self.rows = [average_matrix(m.shape[-2], h) for m in maps]  # (h, H_l) per layer
         self.cols = [average_matrix(m.shape[-1], w).T.contiguous() for m in maps]  # (W_l, w)
         width = sum(m.shape[1] for m in maps)
@@ -85,7 +85,7 @@ class BackboneGraph(nn.Module):
         return torch.cat(parts, dim=1).permute(0, 2, 3, 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps, pooled = self.backbone(images)
+        maps, pooled = self.backbone(images, pooled=self.routing_feature == "backbone_pooled")
         if self.kind == "cnn":
             patches = self._grid(maps, smooth=True)
         else:

@@ -100,13 +100,21 @@ class Backbone(nn.Module):
         """Frozen: BatchNorm/Dropout stay in eval mode whatever ``mode`` is asked for."""
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``x``: (B, 3, S, S) normalised -> ([(B, C_l, H_l, W_l) per layer], pooled (B, G))."""
+    def forward(self, x: torch.Tensor, pooled: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``x``: (B, 3, S, S) normalised -> ([(B, C_l, H_l, W_l) per layer], pooled (B, G)).
+
+        ``pooled=False``: the network stops after the deepest selected layer and ``None`` stands for the
+        image feature (the Lite2 offline layers end at stride 16: a third of the work is saved).
+        """
+        if not pooled:
+            maps = self.model.forward_intermediates(  # type: ignore[operator]
+                x, indices=list(self.indices), output_fmt="NCHW", intermediates_only=True, stop_early=True
+            )
+            return list(maps), None
         final, maps = self.model.forward_intermediates(  # type: ignore[operator]
             x, indices=list(self.indices), output_fmt="NCHW", intermediates_only=False
         )
-        pooled = self.model.forward_head(final, pre_logits=True)  # type: ignore[operator]
-        return list(maps), pooled
+        return list(maps), self.model.forward_head(final, pre_logits=True)  # type: ignore[operator]
 
 
 # ----------------------------------------------------------------------------- registry

@@ -3,8 +3,8 @@
 ``extract_features`` streams a task's samples through a DataLoader (image decoding and resizing in
 the workers, the backbone in the main process) into :class:`CachedFeatures`, which slices, batches,
 and saves to / loads from safetensors. A saved cache carries a fingerprint of the backbone config
-(name, image size, layers, embed_dim, pretrained; grid and local aggregation when not at their defaults)
-and is refused under a different one.
+(name, image size, layers, embed_dim, pretrained; grid and local aggregation when not at their defaults;
+the extraction version) and is refused under a different one.
 
 Memory: ``dtype=torch.float16`` halves the size of ``patches`` and ``context`` (e.g. 300 ViT images:
 180 MB -> 90 MB); ``pooled`` stays float32 because the router inverts its covariance.
@@ -57,6 +57,9 @@ class SupportsLoadImage(Protocol):
 
 #: Backbone keys added after caches and runs were first written, with the value all of those had.
 LEGACY_BACKBONE: dict[str, Any] = {"grid": "coarsest", "local_aggregation": 3}
+#: How features are computed from a config, where that changes their values (if only by rounding):
+#: 2 = EfficientNet BatchNorms folded into the convolutions. Caches of an earlier way are not reused.
+EXTRACTION_VERSION = 2
 
 
 def cache_fingerprint(config: BackboneConfig, **extra: Any) -> dict[str, Any]:
@@ -67,6 +70,7 @@ def cache_fingerprint(config: BackboneConfig, **extra: Any) -> dict[str, Any]:
         "layers": list(config.layers),
         "embed_dim": config.embed_dim,
         "pretrained": config.pretrained,
+        "extraction": EXTRACTION_VERSION,
         # newer keys only when they differ from what every earlier cache had: those caches stay valid
         **{k: getattr(config, k) for k, legacy in LEGACY_BACKBONE.items() if getattr(config, k) != legacy},
         **extra,

@@ -30,8 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moleflow.config import BackboneConfig
+from moleflow.config import BackboneConfig, MoleFlowConfig
 from moleflow.features.backbones import Backbone, create_backbone
+from moleflow.features.folding import fold_batchnorm
+
+#: Images per backbone call on the CPU: a larger batch's activation maps fall out of the cores' caches
+#: and every image gets slower (Lite2 on 2 cores: 17.7 ms/image in chunks of 4, 22.5 at batch 32;
+#: docs/PERFORMANCE.md, "Backbone path"). GPUs take the whole batch at once.
+CPU_BACKBONE_CHUNK = 4
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class BackboneFeatures:
 
     patches: (B, H, W, D) aggregated patch features, channel-last.
     context: (B, H, W, C) raw multi-layer maps on the patch grid (CNNs), or None (ViT).
-    pooled:  (B, G) image-level feature of the backbone's final layer.
+    pooled:  (B, G) image-level feature of the backbone's final layer; (B, 0) if the extractor skips it.
     """
 
     patches: torch.Tensor
@@ -105,6 +111,12 @@ def vit_patches(maps: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     return pool_channels(torch.cat(list(maps), dim=1).permute(0, 2, 3, 1), dim)
 
 
+def _join(chunks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Per-chunk inference tensors -> one ordinary tensor along the batch axis."""
+    assert all(c is not None for c in chunks)
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0].clone()  # type: ignore[arg-type, union-attr]
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone + PatchCore-style aggregation; see the module docstring.
 
@@ -112,9 +124,12 @@ class FeatureExtractor(nn.Module):
     ``extract`` does both. Always in eval mode, never tracks gradients.
     """
 
-    def __init__(self, config: BackboneConfig) -> None:
+    def __init__(self, config: BackboneConfig, pooled: bool = True) -> None:
+        """``pooled=False``: skip the backbone's image-level feature (only the ``backbone_pooled`` router uses
+        it): the network stops at the deepest selected layer and ``pooled`` is an empty (B, 0) tensor."""
         super().__init__()
         self.config = config
+        self.with_pooled = pooled
         self.image_size = int(config.image_size)
         self.backbone: Backbone = create_backbone(config.name, config.layers, self.image_size, config.pretrained)
         width = sum(self.backbone.channels)
@@ -129,6 +144,8 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.memory_format = torch.contiguous_format
+        # frozen, so its BatchNorms can live inside the convolutions (one pass less over every map)
+        self.folded_norms = fold_batchnorm(self.backbone.model) if self.backbone.kind == "cnn" else 0
         if self.backbone.kind == "cnn":
             # NHWC convolutions: ~1.5x faster on CPU (oneDNN) and the tensor-core layout on GPU; same values
             # up to float rounding (measured by `moleflow bench`, section "optimizations")
@@ -155,8 +172,8 @@ class FeatureExtractor(nn.Module):
 
     @property
     def pooled_dim(self) -> int:
-        """G, the width of ``pooled``."""
-        return self.backbone.pooled_dim
+        """G, the width of ``pooled`` (0 when the extractor skips it)."""
+        return self.backbone.pooled_dim if self.with_pooled else 0
 
     def set_memory_format(self, memory_format: torch.memory_format) -> FeatureExtractor:
         """Layout of the backbone's weights and inputs: ``torch.channels_last`` (CNN default) or
@@ -197,20 +214,26 @@ class FeatureExtractor(nn.Module):
                 f"(or use FeatureExtractor.preprocess), got {tuple(x.shape)} {x.dtype}"
             )
         with torch.inference_mode():
-            x = x.contiguous(memory_format=self.memory_format)
-            maps, pooled = self.backbone(x)
-            if self.backbone.kind == "cnn":
-                patches = cnn_patches(maps, self._grid, self._embed_dim, self.config.local_aggregation)
-                context: torch.Tensor | None = cnn_context(maps, self._grid)
-            else:
-                patches, context = vit_patches(maps, self._embed_dim), None
-        # inference tensors cannot be saved for backward; clone outside the mode so that downstream
-        # trainable modules can take these features as ordinary inputs
+            chunk = CPU_BACKBONE_CHUNK if x.device.type == "cpu" else x.shape[0]
+            parts = [self._features(c) for c in x.split(chunk)]
+        # inference tensors cannot be saved for backward; cat (or clone) outside the mode so that
+        # downstream trainable modules can take these features as ordinary inputs
+        contexts = [c for _, c, _ in parts]
         return BackboneFeatures(
-            patches=patches.clone(),
-            context=None if context is None else context.clone(),
-            pooled=pooled.clone(),
+            patches=_join([p for p, _, _ in parts]),
+            context=None if contexts[0] is None else _join(contexts),
+            pooled=_join([g for _, _, g in parts]),
         )
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(b, 3, S, S) -> (patches, context or None, pooled) of one backbone call."""
+        maps, pooled = self.backbone(x.contiguous(memory_format=self.memory_format), pooled=self.with_pooled)
+        if pooled is None:
+            pooled = x.new_empty(x.shape[0], 0)
+        if self.backbone.kind == "cnn":
+            patches = cnn_patches(maps, self._grid, self._embed_dim, self.config.local_aggregation)
+            return patches, cnn_context(maps, self._grid), pooled
+        return vit_patches(maps, self._embed_dim), None, pooled
 
     def extract(self, images: Sequence[np.ndarray]) -> BackboneFeatures:
         """uint8 images -> features; ``forward(preprocess(images))``."""
@@ -220,7 +243,13 @@ class FeatureExtractor(nn.Module):
         """Grid of the coarsest (or, ``grid="finest"``, the finest) selected layer, read off one forward pass."""
         probe = torch.zeros(1, 3, self.image_size, self.image_size)
         with torch.inference_mode():
-            maps, _ = self.backbone(probe)
+            maps, _ = self.backbone(probe, pooled=False)
         pick = max if self.config.grid == "finest" and self.backbone.kind == "cnn" else min
         h, w = pick((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
         return int(h), int(w)
+
+
+def extractor_for(cfg: MoleFlowConfig) -> FeatureExtractor:
+    """The extractor a model of ``cfg`` needs: its backbone, with the image-level feature only for a
+    router that routes on it."""
+    return FeatureExtractor(cfg.model.backbone, pooled=cfg.router.feature == "backbone_pooled")

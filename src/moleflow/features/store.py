@@ -58,7 +58,12 @@ class FeatureSource:
     def __call__(self, samples: Sequence, desc: str = "features") -> CachedFeatures:
         if self.cache_dir is None:
             return self._extract(samples, desc)
-        expected = cache_fingerprint(self.extractor.config, samples=samples_digest(samples), context=self.need_context)
+        expected = cache_fingerprint(
+            self.extractor.config,
+            samples=samples_digest(samples),
+            context=self.need_context,
+            **({} if self.extractor.with_pooled else {"pooled": False}),
+        )
         key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(self.cache_dir) / f"{self.extractor.config.name}-{key}.safetensors"  # one file per fingerprint
         if path.exists():

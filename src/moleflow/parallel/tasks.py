@@ -33,12 +33,12 @@ def _detector(state: DetectorState, settings: TaskSettings, reporter: Any):
     """An unbound detector of ``state``; stages go to ``reporter`` (a Ray actor handle, or None)."""
     from moleflow.config import to_dict
     from moleflow.detector import Detector
-    from moleflow.features.extractor import FeatureExtractor
+    from moleflow.features.extractor import extractor_for
 
     torch.set_num_threads(settings.threads)  # same count as the driver's reference: same reductions, same bits
-    key = (json.dumps(to_dict(state.cfg.model.backbone), sort_keys=True), settings.device)
+    key = (json.dumps(to_dict(state.cfg.model.backbone), sort_keys=True), state.cfg.router.feature, settings.device)
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = FeatureExtractor(state.cfg.model.backbone).to(settings.device)
+        _EXTRACTORS[key] = extractor_for(state.cfg).to(settings.device)
     detector = Detector.from_state(
         state,
         device=settings.device,

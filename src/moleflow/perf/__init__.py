@@ -15,6 +15,10 @@ repetition is bracketed by ``torch.cuda.synchronize``):
 4. ``end_to_end``: uint8 images -> ``FeatureExtractor.preprocess`` -> backbone features -> router
    (a few random prototypes) -> head of the routed task(s) -> upsampled, smoothed anomaly maps.
    Backbones whose weights cannot be had offline are recorded as ``unavailable``.
+   ``head_bound``: what bounds the head (offline, v5): every aten operator of one inference pass timed
+   and its bytes read + written counted (``moleflow.perf.traffic``): the matmuls' share of the time and
+   their FLOP rate against the ceiling, the other operators' rate against this machine's rate for passes
+   over tensors of that size, bytes per FLOP, and the roofline bound of unfused execution.
 5. ``routing``: router time per image against the number of learned tasks, and its ratio to the
    offline head's time per image.
 6. ``per_task``: trainable parameters of a task, bytes of its safetensors file, wall time to learn a
@@ -48,6 +52,7 @@ from moleflow.perf.sections import (
     PRESET_NAMES,
     bench_end_to_end,
     bench_head,
+    bench_head_bound,
     bench_per_task,
     bench_routing,
     bench_train,
@@ -82,6 +87,9 @@ def run_bench(
     result["ceiling"] = section("ceiling", lambda: measure_ceiling(dev, reps=5 if quick else 10))
     ceiling = result["ceiling"]["flops_per_s"]
     result["head"] = section("head", lambda: [bench_head(n, dev, batch, ceiling, reps) for n in PRESET_NAMES])
+    result["head_bound"] = section(
+        "head_bound", lambda: [bench_head_bound(n, dev, batch, ceiling) for n in ("offline", "v5")]
+    )
     result["train"] = section("train", lambda: [bench_train(n, dev, train_batch, ceiling, reps) for n in PRESET_NAMES])
     result["end_to_end"] = section("end_to_end", lambda: bench_end_to_end(dev, (1, e2e_large), 2 if quick else 5))
     routed_ms = {

@@ -152,6 +152,53 @@ def channels_last_backbone(device: torch.device, batch: int, reps: int) -> dict:
     )
 
 
+def backbone_path(device: torch.device, batch: int, reps: int) -> dict:
+    """End-to-end inference, efficientnet_lite2: the backbone path as it was -> as it is.
+
+    Before: the timm model with its BatchNorms, the whole batch in one call, the network run to its last
+    layer (for an image feature the offline router does not use), maps by convolving full-size maps.
+    After (``moleflow.features.extractor``): BatchNorms folded into the convolutions, micro-batches of
+    ``CPU_BACKBONE_CHUNK`` on a CPU, the network stopped at the deepest selected layer, maps as one small
+    matrix per axis (``moleflow.scoring.anomaly_maps``). Same head, router and images.
+    """
+    import torch.nn.functional as F
+
+    from moleflow.features.backbones import create_backbone
+    from moleflow.features.cache import CachedFeatures
+    from moleflow.features.extractor import cnn_patches
+    from moleflow.inference import score_features
+    from moleflow.scoring import gaussian_blur
+
+    cfg = preset("offline")
+    bcfg, size = cfg.model.backbone, cfg.model.backbone.image_size
+    options = InferenceOptions(bf16=False, channels_last=True)
+    extractor, model, router = e2e_setup(cfg, device, options)
+    unfolded = create_backbone(bcfg.name, bcfg.layers, size, bcfg.pretrained).to(device, memory_format=torch.channels_last)
+    images = random_images(batch, size)
+
+    def before() -> torch.Tensor:
+        with torch.inference_mode():
+            x = extractor.preprocess(images).contiguous(memory_format=torch.channels_last)
+            maps, pooled = unfolded(x)
+            patches = cnn_patches(maps, extractor.grid, extractor.embed_dim, bcfg.local_aggregation)
+            scored = score_features(model, router, CachedFeatures(patches, None, pooled), cfg.scoring)
+            up = F.interpolate(scored.patch_scores[:, None], size=(size, size), mode="bilinear", align_corners=False)
+            return gaussian_blur(up[:, 0], cfg.scoring.smoothing_sigma)
+
+    def after() -> torch.Tensor:
+        return _e2e_pass(extractor, model, router, cfg, images, options)
+
+    old, new = before(), after()
+    return _pair(
+        f"end to end, efficientnet_lite2, batch {batch}",
+        "BatchNorm, one call, whole network, conv maps",
+        "folded, micro-batches, stop at last layer used, matrix maps",
+        time_fn(before, device, 1, reps),
+        time_fn(after, device, 1, reps),
+        max_rel_diff=((old - new).abs().max() / (old.max() - old.min())).item(),
+    )
+
+
 def data_loading_workers(device: torch.device, n_images: int = 48, workers: int | None = None, side: int = 700) -> dict:
     """Feature extraction from PNG files: decoding in the main process -> in ``workers`` processes."""
     from PIL import Image
@@ -200,6 +247,7 @@ def run_optimizations(device: torch.device, quick: bool, compile_head: bool = Fa
     rows.append(mixed_batch_grouping(device, batch=16 if quick else 32, reps=reps))
     rows.append(routing_index(device, reps=reps))
     rows.append(channels_last_backbone(device, batch=8, reps=2 if quick else 5))
+    rows += [backbone_path(device, batch=b, reps=2 if quick else 5) for b in ((1, 8) if quick else (1, 32))]
     rows.append(data_loading_workers(device, n_images=32 if quick else 96))
     return rows
 

@@ -18,6 +18,9 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+MATMULS = {"linear", "mm", "addmm", "bmm", "matmul", "convolution"}
+
+
 def to_markdown(result: dict) -> str:
     """A human-readable report of a :func:`run_bench` result; sections missing from ``result`` are skipped."""
     lines = ["# moleflow bench" + (" (quick)" if result.get("quick") else ""), ""]
@@ -48,6 +51,33 @@ def to_markdown(result: dict) -> str:
                     f"{100 * h['head_efficiency']:.1f}%",
                 ]
                 for h in result["head"]
+            ],
+        )
+    if result.get("head_bound"):
+        lines += [
+            "## What bounds the head (every operator of one inference pass timed, bytes read + written counted)",
+            "",
+            "`matmul rate`: FLOP/s of the matmuls alone, share of the ceiling; `other ops`: bytes/s of all other "
+            "operators, share of this machine's rate for passes over tensors of the head's size; `roofline`: the "
+            "bound that bytes per FLOP put on unfused execution, share of the ceiling.",
+            "",
+        ]
+        lines += _table(
+            ["preset", "batch", "bytes/FLOP", "matmul time", "matmul rate", "other ops", "roofline", "top other ops"],
+            [
+                [
+                    b["preset"],
+                    b["batch"],
+                    f"{b['bytes_per_flop']:.3f}",
+                    f"{100 * b['matmul_time_share']:.0f}%",
+                    f"{_si(b['matmul_flops_per_s'], 'FLOP/s')} ({100 * b['matmul_efficiency']:.0f}%)",
+                    f"{_si(b['other_bytes_per_s'], 'B/s')} ({100 * b['other_pass_efficiency']:.0f}%)",
+                    f"{100 * b['bound_efficiency']:.0f}%",
+                    ", ".join(
+                        f"{o['op']} {100 * o['time_share']:.0f}%" for o in b["top_operators"] if o["op"] not in MATMULS
+                    )[:80],
+                ]
+                for b in result["head_bound"]
             ],
         )
     if result.get("train"):
@@ -170,6 +200,8 @@ def to_markdown(result: dict) -> str:
             check = ""
             if "max_abs_diff" in o:
                 check = f"max abs diff {o['max_abs_diff']:.2g}"
+            if "max_rel_diff" in o:
+                check = f"max diff {o['max_rel_diff']:.2g} of the range"
             for key in ("same_decisions", "identical_features"):
                 if key in o:
                     check = f"{key.replace('_', ' ')}: {'yes' if o[key] else 'NO'}"

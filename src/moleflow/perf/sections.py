@@ -77,6 +77,34 @@ def bench_head(name: str, device: torch.device, batch: int, ceiling: float, reps
     }
 
 
+def bench_head_bound(name: str, device: torch.device, batch: int, ceiling: float) -> dict:
+    """What bounds the head's inference: operator time split, bytes per FLOP, the roofline (``moleflow.perf.traffic``)."""
+    from moleflow.perf.traffic import operator_traffic, roofline, stream_rate
+    from moleflow.scoring import patch_scores
+
+    cfg = preset(name)
+    model = build_head(cfg, device)
+    feats = random_features(cfg, batch, device)
+
+    def step():
+        with torch.inference_mode():
+            out = model(feats.patches, "t0", feats.context)
+            return patch_scores(out.z, out.logdet)
+
+    step()  # warm-up: the merged weights are built on the first call
+    traffic = operator_traffic(step)
+    rate = stream_rate(feats.patches.numel() * 4, device)  # passes over tensors of the head's activation size
+    bound = roofline(traffic, rate, ceiling)
+    return {
+        "preset": name,
+        "batch": batch,
+        **traffic,
+        **bound,
+        "matmul_efficiency": traffic["matmul_flops_per_s"] / ceiling,
+        "other_pass_efficiency": traffic["other_bytes_per_s"] / rate,
+    }
+
+
 def bench_train(name: str, device: torch.device, batch: int, ceiling: float, reps: int) -> dict:
     from moleflow.routing import Router
     from moleflow.training import ContinualTrainer, build_optimizer
@@ -191,9 +219,9 @@ def _e2e_pass(extractor, model, router, cfg: MoleFlowConfig, images, options: In
 
 def e2e_setup(cfg: MoleFlowConfig, device: torch.device, options: InferenceOptions, tasks: int = 4):
     """(extractor, head with ``tasks`` tasks, router over them) for end-to-end timing."""
-    from moleflow.features.extractor import FeatureExtractor
+    from moleflow.features.extractor import extractor_for
 
-    extractor = FeatureExtractor(cfg.model.backbone).to(device)
+    extractor = extractor_for(cfg).to(device)
     if extractor.backbone.kind == "cnn":
         extractor.set_memory_format(torch.channels_last if options.channels_last else torch.contiguous_format)
     model = build_head(cfg, device, tasks=tasks, context_dim=extractor.context_dim)
