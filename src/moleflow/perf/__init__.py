@@ -71,7 +71,7 @@ def run_bench(
     start = time.perf_counter()
     gpu = dev.type == "cuda"
     batch = 8 if quick else (256 if gpu else 32)  # a GPU needs large batches to fill
-    e2e_large = 8 if quick else (256 if gpu else 64)
+    e2e_batches = (1, 8) if quick else ((1, 256) if gpu else (1, 32, 64))
     reps = 2 if quick else 10
     train_batch = 4 if quick else (128 if gpu else 32)  # quick: a D=768 training step is ~150 GFLOP at batch 8
     result: dict[str, Any] = {"quick": quick, "environment": environment(dev)}
@@ -91,7 +91,7 @@ def run_bench(
         "head_bound", lambda: [bench_head_bound(n, dev, batch, ceiling) for n in ("offline", "v5")]
     )
     result["train"] = section("train", lambda: [bench_train(n, dev, train_batch, ceiling, reps) for n in PRESET_NAMES])
-    result["end_to_end"] = section("end_to_end", lambda: bench_end_to_end(dev, (1, e2e_large), 2 if quick else 5))
+    result["end_to_end"] = section("end_to_end", lambda: bench_end_to_end(dev, e2e_batches, 2 if quick else 5))
     routed_ms = {
         e["batch"]: e["ms_per_image"]
         for e in result["end_to_end"]
