@@ -419,9 +419,7 @@ def _offline() -> MoleFlowConfig:
         # half of each image's patches per step: the flow and the DIA act on each patch alone, and neighbouring
         # patches of one image say much the same; on the six-product benchmark every metric stayed within the
         # seed spread while training took about half the time (docs/PERFORMANCE.md, "Half the patches")
-        train=TrainConfig(
-            optimizer="adamp", lr=5e-4, weight_decay=0.01, scheduler="cosine", epochs=40, patch_fraction=0.5
-        ),
+        train=TrainConfig(optimizer="adamp", lr=5e-4, weight_decay=0.01, scheduler="cosine", epochs=40, patch_fraction=0.5),
         # pooled covariance (LDA): 93.5 -> 99.3 % of the six study tasks' test images routed right, the gain all on
         # defective images (benchmarks/routing_study.py)
         router=RouterConfig(feature="patch_mean", shrinkage="oas", covariance="pooled"),

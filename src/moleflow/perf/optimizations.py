@@ -247,7 +247,7 @@ def run_optimizations(device: torch.device, quick: bool, compile_head: bool = Fa
     rows.append(mixed_batch_grouping(device, batch=16 if quick else 32, reps=reps))
     rows.append(routing_index(device, reps=reps))
     rows.append(channels_last_backbone(device, batch=8, reps=2 if quick else 5))
-    rows += [backbone_path(device, batch=b, reps=2 if quick else 5) for b in ((1, 8) if quick else (1, 32))]
+    rows += [backbone_path(device, batch=b, reps=2 if quick else 5) for b in (1, 32)]
     rows.append(data_loading_workers(device, n_images=32 if quick else 96))
     return rows
 

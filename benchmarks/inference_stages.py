@@ -1,0 +1,91 @@
+"""Where end-to-end inference spends its time: per-stage milliseconds per image at several batch sizes.
+
+    OMP_NUM_THREADS=1 python benchmarks/inference_stages.py [--threads 1] [--batches 1,8,32] [--repeats 5]
+        [--json PATH]
+
+Learns a throwaway ``offline`` run (two synthetic products, one epoch: the preset's architecture and so
+its cost; accuracy is beside the point), then times, on 256 x 256 inputs, the stages of
+``Detector.predict``: ``preprocess`` (uint8 -> normalised tensor), ``extract`` (backbone + patch
+aggregation), ``score`` (routing + the routed products' heads), ``maps`` (patch scores -> anomaly maps at
+the model's resolution) and ``predict`` (all of it, plus the resize of each map to its image and the
+verdicts). Medians after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from moleflow.cli import main as cli
+from moleflow.data.synthetic import render_sample
+from moleflow.detector import Detector
+from moleflow.features.cache import CachedFeatures
+from moleflow.scoring import anomaly_maps
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def stages(det: Detector, images: list, repeats: int) -> dict[str, float]:
+    """ms per image of each stage on ``images`` (one batch)."""
+    ex, n = det.extractor, len(images)
+    size = det.cfg.model.backbone.image_size
+    feats = ex.extract(images)
+    cached = CachedFeatures(feats.patches, None, feats.pooled)
+    scored = det.score(cached)
+    sigma = det.cfg.scoring.smoothing_sigma
+    timings = {
+        "preprocess": _median_ms(lambda: ex.preprocess(images), repeats),
+        "extract": _median_ms(lambda: ex.extract(images), repeats),
+        "score": _median_ms(lambda: det.score(cached), repeats),
+        "maps": _median_ms(lambda: anomaly_maps(scored.patch_scores, (size, size), sigma), repeats),
+        "predict": _median_ms(lambda: det.predict(images, batch_size=n), repeats),
+    }
+    return {k: v / n for k, v in timings.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        learn = ["learn", str(run), "stripes=synthetic:stripes", "disc=synthetic:disc", "--limits", "40,10"]
+        assert cli([*learn, "--set", "train.epochs=1", "--eval", "none", "--no-progress", "-q"]) == 0
+        det = Detector.load(run, device="cpu", progress=False)
+        kinds = ("stripes", "disc")
+        images = [render_sample(k, "test", i, size=256, defective=i % 2 == 1)[0] for i in range(16) for k in kinds]
+        load = os.getloadavg()[0]
+        rows = {b: stages(det, images[:b], args.repeats) for b in batches}
+    print(f"{args.threads} thread(s), load average {load:.1f} before the timings; ms per image\n")
+    names = list(next(iter(rows.values())))
+    print("| batch | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for b, r in rows.items():
+        print(f"| {b} | " + " | ".join(f"{r[k]:.1f}" for k in names) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "load": load, "ms_per_image": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
