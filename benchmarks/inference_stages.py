@@ -1,14 +1,15 @@
 """Where end-to-end inference spends its time: per-stage milliseconds per image at several batch sizes.
 
     OMP_NUM_THREADS=1 python benchmarks/inference_stages.py [--threads 1] [--batches 1,8,32] [--repeats 5]
-        [--json PATH]
+        [--chunks 1,2,4,8,32] [--json PATH]
 
 Learns a throwaway ``offline`` run (two synthetic products, one epoch: the preset's architecture and so
 its cost; accuracy is beside the point), then times, on 256 x 256 inputs, the stages of
 ``Detector.predict``: ``preprocess`` (uint8 -> normalised tensor), ``extract`` (backbone + patch
 aggregation), ``score`` (routing + the routed products' heads), ``maps`` (patch scores -> anomaly maps at
 the model's resolution) and ``predict`` (all of it, plus the resize of each map to its image and the
-verdicts). Medians after a warm-up.
+verdicts). Medians after a warm-up. ``--chunks``: also ``extract`` of the largest batch with the backbone
+run in micro-batches of each size (``moleflow.features.extractor.CPU_BACKBONE_CHUNK``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from moleflow.cli import main as cli
 from moleflow.data.synthetic import render_sample
 from moleflow.detector import Detector
+from moleflow.features import extractor as extractor_module
 from moleflow.features.cache import CachedFeatures
 from moleflow.scoring import anomaly_maps
 
@@ -64,6 +66,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunks", help="micro-batch sizes to time extract with, e.g. 1,2,4,8,32")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,14 +80,26 @@ def main() -> None:
         images = [render_sample(k, "test", i, size=256, defective=i % 2 == 1)[0] for i in range(16) for k in kinds]
         load = os.getloadavg()[0]
         rows = {b: stages(det, images[:b], args.repeats) for b in batches}
+        chunks = {}
+        default_chunk = extractor_module.CPU_BACKBONE_CHUNK
+        for c in [int(c) for c in args.chunks.split(",")] if args.chunks else []:
+            extractor_module.CPU_BACKBONE_CHUNK = c
+            chunks[c] = _median_ms(lambda: det.extractor.extract(images[: max(batches)]), args.repeats) / max(batches)
+        extractor_module.CPU_BACKBONE_CHUNK = default_chunk
     print(f"{args.threads} thread(s), load average {load:.1f} before the timings; ms per image\n")
     names = list(next(iter(rows.values())))
     print("| batch | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for b, r in rows.items():
         print(f"| {b} | " + " | ".join(f"{r[k]:.1f}" for k in names) + " |")
+    if chunks:
+        print(f"\nextract, batch {max(batches)}, ms per image by micro-batch size (default {default_chunk}):\n")
+        print("| micro-batch | " + " | ".join(map(str, chunks)) + " |")
+        print("|---|" + "---|" * len(chunks))
+        print("| ms / image | " + " | ".join(f"{v:.1f}" for v in chunks.values()) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "load": load, "ms_per_image": rows}, indent=2))
+        result = {"threads": args.threads, "load": load, "ms_per_image": rows, "extract_by_chunk": chunks}
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ for variant in "$@"; do
   run="$OUT/$name"
   rm -rf "$run"
   # shellcheck disable=SC2086  # $sets is a list of --set words
-  moleflow learn "$run" hazelnut=$S/hazelnut_toy/hazelnut --eval none --no-progress -q $sets
+  mkdir -p "$OUT"
+  moleflow learn "$run" hazelnut=$S/hazelnut_toy/hazelnut --eval none --no-progress -q $sets >"$OUT/$name.log" 2>&1
   load=$(cut -d' ' -f1 /proc/loadavg)
   start=$(date +%s%N)
-  moleflow learn "$run" elpv_poly=elpv:poly --limits 300,50 --eval none --no-progress -q
+  moleflow learn "$run" elpv_poly=elpv:poly --limits 300,50 --eval none --no-progress -q >>"$OUT/$name.log" 2>&1
   wall=$(( ($(date +%s%N) - start) / 1000000 ))  # ms
   line=$(grep "task 'elpv_poly' learned in" "$run/train.log" | tail -1)
   train=$(echo "$line" | sed -E 's/.*learned in ([0-9.]+)s.*/\1/')

@@ -35,8 +35,9 @@ from moleflow.features.backbones import Backbone, create_backbone
 from moleflow.features.folding import fold_batchnorm
 
 #: Images per backbone call on the CPU: a larger batch's activation maps fall out of the cores' caches
-#: and every image gets slower (Lite2 on 2 cores: 17.7 ms/image in chunks of 4, 22.5 at batch 32;
-#: docs/PERFORMANCE.md, "Backbone path"). GPUs take the whole batch at once.
+#: and every image gets slower (Lite2, a batch of 32 in micro-batches of 1 / 2 / 4 / 8 / 32: 10.2 / 8.6 /
+#: 7.7 / 8.2 / 13.2 ms per image on 2 threads, 15.0 / 14.6 / 14.9 / 18.1 / 23.3 on 1;
+#: `benchmarks/inference_stages.py --chunks 1,2,4,8,32`). GPUs take the whole batch at once.
 CPU_BACKBONE_CHUNK = 4
 
 
