@@ -28,36 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-#: aten ops that only create views or read metadata: no bytes move.
-_FREE = {
-    "view",
-    "_unsafe_view",
-    "reshape",
-    "expand",
-    "permute",
-    "transpose",
-    "t",
-    "unsqueeze",
-    "squeeze",
-    "select",
-    "slice",
-    "split",
-    "split_with_sizes",
-    "unbind",
-    "as_strided",
-    "alias",
-    "detach",
-    "lift_fresh",
-    "_to_copy_meta",
-    "empty",
-    "empty_like",
-    "new_empty",
-    "sym_size",
-    "sym_stride",
-    "is_same_size",
-    "chunk",
-    "narrow",
-}
+#: aten ops that allocate without writing or only read metadata: no pass over memory. Views (``view``,
+#: ``permute``, ``split``, ...) need no entry: their result shares an input's memory (``_aliases``).
+_FREE = {"empty", "empty_like", "new_empty", "sym_size", "sym_stride", "is_same_size"}
 
 
 #: aten ops that do the FLOPs FlopCounterMode counts.
