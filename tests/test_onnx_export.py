@@ -321,6 +321,22 @@ def test_export_without_the_onnx_extra_fails_in_one_line(tiny_run, tmp_path, mon
     assert "\n" not in err and "pip install 'moleflow[onnx]'" in err and not (tmp_path / "e").exists()
 
 
+def test_export_refuses_a_run_with_a_bf16_backbone(tiny_run, tmp_path, monkeypatch, capsys) -> None:
+    from moleflow.config import apply_overrides
+
+    real = Detector.load
+
+    def load_as_bf16(cls, *args, **kwargs):
+        det = real(*args, **kwargs)
+        det.cfg = apply_overrides(det.cfg, ["model.backbone.precision=bf16"])
+        return det
+
+    monkeypatch.setattr(Detector, "load", classmethod(load_as_bf16))
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.backbone.precision=bf16" in err and not (tmp_path / "e").exists()
+
+
 def test_bad_export_targets_and_damaged_exports_fail_in_one_line(exported, tiny_run, tmp_path, capsys) -> None:
     import shutil
 

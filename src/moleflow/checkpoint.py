@@ -50,8 +50,8 @@ def model_fingerprint(cfg: MoleFlowConfig) -> str:
     """Hash of everything that shapes the model's tensors (model section + router).
 
     Left out, so that runs written before these keys existed still load: ``router.covariance`` (it decides
-    the route among the stored prototypes, it shapes none of them), and the backbone's ``grid`` and
-    ``local_aggregation`` while they hold the values every earlier run had (coarsest, 3).
+    the route among the stored prototypes, it shapes none of them), and the backbone's ``grid``,
+    ``local_aggregation`` and ``precision`` while they hold the values every earlier run had (coarsest, 3, fp32).
     """
     model, router = to_dict(cfg.model), to_dict(cfg.router)
     router.pop("covariance", None)

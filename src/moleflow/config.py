@@ -83,6 +83,10 @@ class BackboneConfig(Section):
     finest (coarser layers upsampled bilinearly to it, as PatchCore does); ViT: all layers share one grid."""
     local_aggregation: Kernel = 3
     """CNN: k x k local average of every layer map before it is brought to the grid (PatchCore); odd, 1 = off."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """The backbone's convolutions and matmuls: fp32, or bf16 under autocast (maps cast back to float32 before
+    aggregation). It changes the features (about 2 % RMS of their spread), so it is part of the model: a run
+    keeps the value it was created with. No ``auto``: features must not depend on the machine they run on."""
 
     @field_validator("embed_dim")
     @classmethod

@@ -188,6 +188,12 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str])
         raise ExportError(f"run {run_dir} has no products yet; learn one first (moleflow learn {run_dir} NAME=SOURCE)")
     if det.cfg.router.feature == "patch_gaussian":
         raise ExportError(f"run {run_dir} routes with router.feature=patch_gaussian, which the export does not support")
+    if det.cfg.model.backbone.precision != "fp32":
+        raise ExportError(
+            f"run {run_dir} extracts features with model.backbone.precision={det.cfg.model.backbone.precision}; "
+            "the exported backbone runs in float32 on onnxruntime, whose features differ from the run's by about "
+            "2 % of their spread. Export a run created with model.backbone.precision=fp32"
+        )
     out = Path(out_dir)
     _check_out_dir(out, Path(run_dir))
     fingerprint = model_fingerprint(det.cfg)

@@ -56,7 +56,7 @@ class SupportsLoadImage(Protocol):
 
 
 #: Backbone keys added after caches and runs were first written, with the value all of those had.
-LEGACY_BACKBONE: dict[str, Any] = {"grid": "coarsest", "local_aggregation": 3}
+LEGACY_BACKBONE: dict[str, Any] = {"grid": "coarsest", "local_aggregation": 3, "precision": "fp32"}
 #: How features are computed from a config, where that changes their values (if only by rounding):
 #: 2 = EfficientNet BatchNorms folded into the convolutions. Caches of an earlier way are not reused.
 EXTRACTION_VERSION = 2

@@ -33,6 +33,7 @@ from torch import nn
 from moleflow.config import BackboneConfig, MoleFlowConfig
 from moleflow.features.backbones import Backbone, create_backbone
 from moleflow.features.folding import fold_batchnorm
+from moleflow.precision import autocast
 
 #: Images per backbone call on the CPU: a larger batch's activation maps fall out of the cores' caches
 #: and every image gets slower (Lite2, a batch of 32 in micro-batches of 1 / 2 / 4 / 8 / 32: 10.2 / 8.6 /
@@ -228,7 +229,10 @@ class FeatureExtractor(nn.Module):
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(b, 3, S, S) -> (patches, context or None, pooled) of one backbone call."""
-        maps, pooled = self.backbone(x.contiguous(memory_format=self.memory_format), pooled=self.with_pooled)
+        with autocast(x.device, self.config.precision):
+            maps, pooled = self.backbone(x.contiguous(memory_format=self.memory_format), pooled=self.with_pooled)
+        maps = [m.float() for m in maps]  # bf16: aggregate and pool in float32
+        pooled = None if pooled is None else pooled.float()
         if pooled is None:
             pooled = x.new_empty(x.shape[0], 0)
         if self.backbone.kind == "cnn":
