@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moleflow.config import preset
+from moleflow.config import apply_overrides, preset
 from moleflow.perf.sections import (
     InferenceOptions,
     _e2e_pass,
@@ -152,14 +152,16 @@ def channels_last_backbone(device: torch.device, batch: int, reps: int) -> dict:
     )
 
 
-def backbone_path(device: torch.device, batch: int, reps: int) -> dict:
+def backbone_path(device: torch.device, batch: int, reps: int, precision: str = "fp32") -> dict:
     """End-to-end inference, efficientnet_lite2: the backbone path as it was -> as it is.
 
     Before: the timm model with its BatchNorms, the whole batch in one call, the network run to its last
     layer (for an image feature the offline router does not use), maps by convolving full-size maps.
     After (``moleflow.features.extractor``): BatchNorms folded into the convolutions, micro-batches of
     ``CPU_BACKBONE_CHUNK`` on a CPU, the network stopped at the deepest selected layer, maps as one small
-    matrix per axis (``moleflow.scoring.anomaly_maps``). Same head, router and images.
+    matrix per axis (``moleflow.scoring.anomaly_maps``). Same head, router and images. ``precision="bf16"``:
+    after also runs the backbone and the head in bf16 (``model.backbone.precision``, ``scoring.precision``),
+    so the row's ratio is the old fp32 path against the bf16 one, and its difference bf16's.
     """
     import torch.nn.functional as F
 
@@ -169,7 +171,8 @@ def backbone_path(device: torch.device, batch: int, reps: int) -> dict:
     from moleflow.inference import score_features
     from moleflow.scoring import gaussian_blur
 
-    cfg = preset("offline")
+    old_cfg = preset("offline")
+    cfg = apply_overrides(old_cfg, [f"model.backbone.precision={precision}", f"scoring.precision={precision}"])
     bcfg, size = cfg.model.backbone, cfg.model.backbone.image_size
     options = InferenceOptions(bf16=False, channels_last=True)
     extractor, model, router = e2e_setup(cfg, device, options)
@@ -181,9 +184,9 @@ def backbone_path(device: torch.device, batch: int, reps: int) -> dict:
             x = extractor.preprocess(images).contiguous(memory_format=torch.channels_last)
             maps, pooled = unfolded(x)
             patches = cnn_patches(maps, extractor.grid, extractor.embed_dim, bcfg.local_aggregation)
-            scored = score_features(model, router, CachedFeatures(patches, None, pooled), cfg.scoring)
+            scored = score_features(model, router, CachedFeatures(patches, None, pooled), old_cfg.scoring)
             up = F.interpolate(scored.patch_scores[:, None], size=(size, size), mode="bilinear", align_corners=False)
-            return gaussian_blur(up[:, 0], cfg.scoring.smoothing_sigma)
+            return gaussian_blur(up[:, 0], old_cfg.scoring.smoothing_sigma)
 
     def after() -> torch.Tensor:
         return _e2e_pass(extractor, model, router, cfg, images, options)
@@ -192,7 +195,7 @@ def backbone_path(device: torch.device, batch: int, reps: int) -> dict:
     return _pair(
         f"end to end, efficientnet_lite2, batch {batch}",
         "BatchNorm, one call, whole network, conv maps",
-        "folded, micro-batches, stop at last layer used, matrix maps",
+        "folded, micro-batches, stop at last layer used, matrix maps" + ("" if precision == "fp32" else f", {precision}"),
         time_fn(before, device, 1, reps),
         time_fn(after, device, 1, reps),
         max_rel_diff=((old - new).abs().max() / (old.max() - old.min())).item(),
@@ -248,6 +251,7 @@ def run_optimizations(device: torch.device, quick: bool, compile_head: bool = Fa
     rows.append(routing_index(device, reps=reps))
     rows.append(channels_last_backbone(device, batch=8, reps=2 if quick else 5))
     rows += [backbone_path(device, batch=b, reps=2 if quick else 5) for b in (1, 32)]
+    rows.append(backbone_path(device, batch=32, reps=2 if quick else 5, precision="bf16"))
     rows.append(data_loading_workers(device, n_images=32 if quick else 96))
     return rows
 
