@@ -1,6 +1,6 @@
 """Our flow head against the public upstream MoLE-Flow head (crimama/moleflow), side by side in one process.
 
-    python benchmarks/upstream_head.py PATH [--batch 8] [--repeats 10] [--threads 1] [--json OUT]
+    python benchmarks/upstream_head.py PATH [--batch 8] [--repeats 10] [--threads 1] [--compile] [--json OUT]
 
 ``PATH`` is a checkout of the upstream code (a directory holding ``moleflow/models/mole_nf.py``); it is
 not a dependency of this repository, and without it the script says so and exits 0. The upstream package
@@ -21,7 +21,9 @@ Upstream runs in float32, as its code does. Ours runs at each ``--precision`` gi
 (``train.precision`` / ``scoring.precision``, moleflow.precision: matmuls under CPU autocast, latents and
 log-dets float32), so the bf16 rows are ours in bf16 against upstream in fp32. Repetitions alternate
 between the heads (upstream, ours, ours, upstream, ...) so a shared machine's load weighs on both; the
-reported ratio is the median of the per-pair ratios.
+reported ratio is the median of the per-pair ratios. ``--compile`` adds rows with ours under
+``torch.compile`` (inductor, static shapes; the training step's forward and loss compiled, its backward
+through AOTAutograd), each with the seconds its first call took.
 The heads differ in design, not only in speed: FrEIA's ``AllInOneBlock(permute_soft=True)`` multiplies
 by a dense D x D rotation in every coupling where ours gathers a permutation, and upstream's DIA has two
 3-layer subnets per block where ours has one 2-layer subnet; the analytic matmul FLOPs of each head are
@@ -186,7 +188,20 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, context: Cal
     }
 
 
-def compare(path: Path, batch: int, repeats: int, precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+def compiled(fns: dict[str, Callable[[], object]], context: Callable) -> tuple[dict[str, Callable[[], object]], float]:
+    """``fns`` with ours under ``torch.compile`` (inductor, static shapes) and the seconds its first call took
+    (tracing and code generation; a later process reuses inductor's on-disk cache)."""
+    ours = torch.compile(fns["ours"], dynamic=False)
+    with context():
+        start = time.perf_counter()
+        ours()
+        seconds = time.perf_counter() - start
+    return {"upstream": fns["upstream"], "ours": ours}, seconds
+
+
+def compare(
+    path: Path, batch: int, repeats: int, precisions: tuple[str, ...] = ("fp32", "bf16"), compile_ours: bool = False
+) -> dict:
     mole_nf = import_upstream(path)
     cfg = preset("v5")
     dim, couplings, rank = cfg.model.backbone.embed_dim, cfg.model.flow.coupling_layers, cfg.model.flow.lora.rank
@@ -207,13 +222,26 @@ def compare(path: Path, batch: int, repeats: int, precisions: tuple[str, ...] = 
         ours_cfg = apply_overrides(cfg, [f"train.precision={precision}", f"scoring.precision={precision}"])
         theirs, ours = upstream_head(mole_nf, dim, couplings, rank), build_head(ours_cfg, torch.device("cpu"))
         theirs.train(), ours.train()
-        train = interleaved(_train_steps(theirs, ours, feats, ours_cfg), repeats, contextlib.nullcontext)
+        train_steps = _train_steps(theirs, ours, feats, ours_cfg)
+        train = interleaved(train_steps, repeats, contextlib.nullcontext)
+        result["rows"].append({"step": "train", "upstream": "fp32", "ours": precision, **train})
+        if compile_ours:  # the compiled step shares the eager one's parameters and optimizer state
+            steps, seconds = compiled(train_steps, contextlib.nullcontext)
+            row = interleaved(steps, repeats, contextlib.nullcontext)
+            result["rows"].append(
+                {"step": "train", "upstream": "fp32", "ours": f"{precision}+compile", "compile_s": seconds, **row}
+            )
         theirs.eval(), ours.eval()
         ours.set_trainable(None, train_base=False)
         steps = _inference_steps(theirs, ours, feats, ours_cfg.scoring.precision)
         inference = interleaved(steps, repeats, torch.inference_mode)
-        rows = [{"step": "train", **train}, {"step": "inference", **inference}]
-        result["rows"] += [{"upstream": "fp32", "ours": precision, **row} for row in rows]
+        result["rows"].append({"step": "inference", "upstream": "fp32", "ours": precision, **inference})
+        if compile_ours:
+            steps, seconds = compiled(steps, torch.inference_mode)
+            row = interleaved(steps, repeats, torch.inference_mode)
+            result["rows"].append(
+                {"step": "inference", "upstream": "fp32", "ours": f"{precision}+compile", "compile_s": seconds, **row}
+            )
     result["load_average_after"] = os.getloadavg()
     return result
 
@@ -222,13 +250,14 @@ def _table(result: dict) -> str:
     lines = [
         f"v5 sizes {result['sizes']}, {result['threads']} thread(s), load average {result['load_average_before'][0]:.2f} "
         f"before / {result['load_average_after'][0]:.2f} after",
-        "| step | upstream | ours | upstream ms | ours ms | speed-up (median of pairs) | min - max |",
-        "|---|---|---|---|---|---|---|",
+        "| step | upstream | ours | upstream ms | ours ms | speed-up (median of pairs) | min - max | compile s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
         lines.append(
             f"| {r['step']} | {r['upstream']} | {r['ours']} | {r['upstream_ms']:.1f} | {r['ours_ms']:.1f} "
-            f"| {r['speedup']:.2f}x | {r['speedup_min']:.2f} - {r['speedup_max']:.2f} |"
+            f"| {r['speedup']:.2f}x | {r['speedup_min']:.2f} - {r['speedup_max']:.2f} | {compile_s} |"
         )
     f = result["flops_per_image"]
     lines.append(
@@ -247,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both", help="ours; upstream runs fp32")
+    p.add_argument("--compile", action="store_true", help="also ours under torch.compile (inductor), with the compile time")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.upstream is None or not (args.upstream / "moleflow" / "models" / "mole_nf.py").is_file():
@@ -258,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
-    result = compare(args.upstream, args.batch, args.repeats, precisions)
+    result = compare(args.upstream, args.batch, args.repeats, precisions, compile_ours=args.compile)
     print(_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
