@@ -1,7 +1,7 @@
 """Where end-to-end inference spends its time: per-stage milliseconds per image at several batch sizes.
 
     OMP_NUM_THREADS=1 python benchmarks/inference_stages.py [--threads 1] [--batches 1,8,32] [--repeats 5]
-        [--chunks 1,2,4,8,32] [--json PATH]
+        [--chunks 1,2,4,8,32] [--set KEY=VALUE ...] [--json PATH]
 
 Learns a throwaway ``offline`` run (two synthetic products, one epoch: the preset's architecture and so
 its cost; accuracy is beside the point), then times, on 256 x 256 inputs, the stages of
@@ -9,7 +9,8 @@ its cost; accuracy is beside the point), then times, on 256 x 256 inputs, the st
 aggregation), ``score`` (routing + the routed products' heads), ``maps`` (patch scores -> anomaly maps at
 the model's resolution) and ``predict`` (all of it, plus the resize of each map to its image and the
 verdicts). Medians after a warm-up. ``--chunks``: also ``extract`` of the largest batch with the backbone
-run in micro-batches of each size (``moleflow.features.extractor.CPU_BACKBONE_CHUNK``).
+run in micro-batches of each size (``moleflow.features.extractor.CPU_BACKBONE_CHUNK``). ``--set``: config
+overrides of the throwaway run, to time a variant of the preset (e.g. ``model.backbone.grid=finest``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunks", help="micro-batch sizes to time extract with, e.g. 1,2,4,8,32")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the run")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,7 +76,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         learn = ["learn", str(run), "stripes=synthetic:stripes", "disc=synthetic:disc", "--limits", "40,10"]
-        assert cli([*learn, "--set", "train.epochs=1", "--eval", "none", "--no-progress", "-q"]) == 0
+        overrides = [w for kv in ["train.epochs=1", *args.set] for w in ("--set", kv)]
+        assert cli([*learn, *overrides, "--eval", "none", "--no-progress", "-q"]) == 0
         det = Detector.load(run, device="cpu", progress=False)
         kinds = ("stripes", "disc")
         images = [render_sample(k, "test", i, size=256, defective=i % 2 == 1)[0] for i in range(16) for k in kinds]
@@ -98,7 +101,8 @@ def main() -> None:
         print("|---|" + "---|" * len(chunks))
         print("| ms / image | " + " | ".join(f"{v:.1f}" for v in chunks.values()) + " |")
     if args.json:
-        result = {"threads": args.threads, "load": load, "ms_per_image": rows, "extract_by_chunk": chunks}
+        result = {"threads": args.threads, "load": load, "overrides": args.set, "ms_per_image": rows}
+        result["extract_by_chunk"] = chunks
         args.json.write_text(json.dumps(result, indent=2))
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import Field
 
 from moleflow.config import (
@@ -189,3 +190,22 @@ def test_exponent_floats_without_a_dot_are_numbers_in_config_files(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("preset: offline\ntrain:\n  lr: 3e-4\n")
     assert load_config(path).train.lr == 3e-4
+
+
+def test_a_run_config_that_predates_backbone_keys_reads_their_legacy_values(tmp_path, monkeypatch):
+    import moleflow.config as config_module
+    from moleflow.config import LEGACY_BACKBONE, load_run_config
+
+    old = to_dict(preset("offline"))
+    for key in LEGACY_BACKBONE:
+        del old["model"]["backbone"][key]  # as a run written before these keys existed
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    newer = preset("offline")
+    newer = replace(
+        newer, model=replace(newer.model, backbone=replace(newer.model.backbone, grid="finest", precision="bf16"))
+    )
+    monkeypatch.setitem(config_module.PRESETS, "offline", lambda: newer)  # a later default for those keys
+    run_cfg = load_run_config(path)
+    assert {k: getattr(run_cfg.model.backbone, k) for k in LEGACY_BACKBONE} == LEGACY_BACKBONE
+    assert load_config(path).model.backbone.grid == "finest"  # a user's config file takes the preset's defaults

@@ -26,8 +26,7 @@ from safetensors.torch import save_file
 
 from moleflow import __version__
 from moleflow.atomic import atomic_write
-from moleflow.config import MoleFlowConfig, to_dict
-from moleflow.features.cache import LEGACY_BACKBONE
+from moleflow.config import LEGACY_BACKBONE, MoleFlowConfig, to_dict
 from moleflow.flow.model import MoLEFlow
 from moleflow.routing import Router
 

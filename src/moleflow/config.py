@@ -459,21 +459,42 @@ def config_from_dict(data: Mapping[str, Any], source: str = "") -> MoleFlowConfi
     return MoleFlowConfig.parse(deep_merge(to_dict(preset(name)), data), source)
 
 
-def load_config(source: str | Path) -> MoleFlowConfig:
-    """A preset name (``paper``, ``v5``, ``offline``) or the path of a YAML file."""
-    if isinstance(source, str) and source in PRESETS:
-        return preset(source)
-    path = Path(source)
+#: Backbone keys added after runs were first written, with the value every run written before them had.
+#: A run's config.yaml holds every key (``dump_yaml``), so one that lacks such a key predates it: it is read
+#: with this value, not the preset's current default (:func:`load_run_config`). Feature caches and model
+#: fingerprints leave these keys out while they hold these values, so those stay valid too.
+LEGACY_BACKBONE: dict[str, Any] = {"grid": "coarsest", "local_aggregation": 3, "precision": "fp32"}
+
+
+def load_run_config(path: Path) -> MoleFlowConfig:
+    """A run directory's ``config.yaml``: as :func:`load_config`, with backbone keys the run predates read as
+    :data:`LEGACY_BACKBONE` (so a preset's new default never changes the model of an existing run)."""
+    data = _read_yaml_mapping(Path(path))
+    backbone = (data.get("model") or {}).get("backbone") if isinstance(data.get("model"), Mapping) else None
+    if isinstance(backbone, Mapping):
+        data = {**data, "model": {**data["model"], "backbone": {**LEGACY_BACKBONE, **backbone}}}
+    return config_from_dict(data, str(path))
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(f"config {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file ({what})")
+        raise ConfigError(f"config {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file ({what})")
     try:
         data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
-    return config_from_dict(data, str(path))
+    return dict(data)
+
+
+def load_config(source: str | Path) -> MoleFlowConfig:
+    """A preset name (``paper``, ``v5``, ``offline``) or the path of a YAML file."""
+    if isinstance(source, str) and source in PRESETS:
+        return preset(source)
+    path = Path(source)
+    return config_from_dict(_read_yaml_mapping(path), str(path))
 
 
 def dump_yaml(cfg: MoleFlowConfig) -> str:

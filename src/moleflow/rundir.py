@@ -220,11 +220,11 @@ class RunDirectory:
     # ------------------------------------------------------------------ config, index, results
 
     def read_config(self):
-        from moleflow.config import ConfigError, load_config
+        from moleflow.config import ConfigError, load_run_config
 
         self.require()
         try:
-            return load_config(self.config_path)
+            return load_run_config(self.config_path)
         except ConfigError as e:
             raise RunDirectoryError(f"{self.config_path}: {e}") from e
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from moleflow import __version__
 from moleflow.atomic import atomic_write
-from moleflow.config import BackboneConfig
+from moleflow.config import LEGACY_BACKBONE, BackboneConfig
 from moleflow.features.extractor import FeatureExtractor, image_to_tensor
 
 FORMAT = "moleflow.features"
@@ -55,8 +55,6 @@ class SupportsLoadImage(Protocol):
         ...
 
 
-#: Backbone keys added after caches and runs were first written, with the value all of those had.
-LEGACY_BACKBONE: dict[str, Any] = {"grid": "coarsest", "local_aggregation": 3, "precision": "fp32"}
 #: How features are computed from a config, where that changes their values (if only by rounding):
 #: 2 = EfficientNet BatchNorms folded into the convolutions. Caches of an earlier way are not reused.
 EXTRACTION_VERSION = 2
