@@ -79,7 +79,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     lora = subparsers.add_parser("lora", help="effective rank of an unfrozen base's weight change vs the LoRA rank")
-    lora.add_argument("config", nargs="?", default="offline", help="preset (paper, v5, offline) or YAML (default offline)")
+    lora.add_argument(
+        "config", nargs="?", default="offline", help="preset (paper, v5, offline, offline_fine) or YAML (default offline)"
+    )
     lora.add_argument("--quick", action="store_true", help="three small synthetic tasks, 2 epochs (a smoke run)")
     lora.add_argument("--tasks", nargs="+", help="task specs in learning order (default: the demo tasks)")
     lora.add_argument("--limits", metavar="TRAIN,TEST", help="images per task (default 60,80)")

@@ -187,7 +187,7 @@ QUICK = QuickProfile()
 
 def add_run_arguments(parser, default_seeds: int = 3) -> None:
     """The options every run-based analysis shares (config, tasks, limits, seeds, overrides, outputs)."""
-    parser.add_argument("--config", default="offline", help="preset (paper, v5, offline) or YAML file")
+    parser.add_argument("--config", default="offline", help="preset (paper, v5, offline, offline_fine) or YAML file")
     parser.add_argument("--tasks", help="SPEC,SPEC,... in learning order (required unless --quick)")
     parser.add_argument("--data", help="root directory for bare category names")
     parser.add_argument("--limits", help="TRAIN,TEST: at most this many images per task (deterministic subsample)")

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze", help="the paper's analyses: moleflow analyze {interaction,ablation,order,lora,dia,growth,routing}"
     )
     c = sub.add_parser("config", help="print a resolved config (every default written out), e.g. as a YAML to edit")
-    c.add_argument("config", nargs="?", default="offline", help="preset (paper, v5, offline) or YAML file")
+    c.add_argument("config", nargs="?", default="offline", help="preset (paper, v5, offline, offline_fine) or YAML file")
     _common(c, with_set=True)
     c.set_defaults(func=cmd_config, run_dir=None)
     return p

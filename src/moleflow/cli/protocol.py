@@ -16,7 +16,7 @@ DEMO_LIMITS = (60, 80)  # per-task train / test images in the demo (deterministi
 
 def add_parsers(sub, common, workers_option) -> None:
     t = sub.add_parser("train", help="the benchmark protocol: learn tasks in order, evaluate all after each")
-    t.add_argument("config", help="preset (paper, v5, offline) or YAML file")
+    t.add_argument("config", help="preset (paper, v5, offline, offline_fine) or YAML file")
     t.add_argument("--tasks", nargs="+", required=True, help="SPEC[,SPEC...] (see README)")
     t.add_argument("--out", required=True, dest="run_dir", metavar="RUN_DIR")
     t.add_argument("--data", help="root directory for bare category names")

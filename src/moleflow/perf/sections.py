@@ -181,6 +181,7 @@ def _e2e_configs() -> list[tuple[str, MoleFlowConfig]]:
     lite0.model.backbone.embed_dim = 152  # lite0 blocks.2 + blocks.4 = 40 + 112 channels
     return [
         ("efficientnet_lite2", preset("offline")),
+        ("efficientnet_lite2 (offline_fine)", preset("offline_fine")),
         ("efficientnet_lite0", lite0),
         ("vit_base_patch16_224 (v5)", preset("v5")),
         ("wide_resnet50_2 (paper)", preset("paper")),
