@@ -54,3 +54,13 @@ def test_precision_is_part_of_the_feature_and_model_identity_and_fp32_keeps_the_
 def test_backbone_precision_has_no_auto() -> None:
     with pytest.raises(ConfigError):
         apply_overrides(preset("offline"), ["model.backbone.precision=auto"])
+
+
+def test_fp32_backbone_leaves_an_enclosing_autocast_region_in_force() -> None:
+    # moleflow bench runs the GPU end to end under one bf16 region; precision=fp32 must not switch it off
+    extractor, x = FeatureExtractor(LITE0), _inputs(1)
+    plain = extractor(x).patches
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = extractor(x).patches
+    assert not torch.equal(plain, inside)
+    assert torch.allclose(inside, FeatureExtractor(replace(LITE0, precision="bf16"))(x).patches, atol=1e-5)

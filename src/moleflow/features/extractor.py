@@ -22,6 +22,7 @@ the ViT. ``pooled`` is the backbone's final-layer image feature (see :mod:`.back
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -229,7 +230,9 @@ class FeatureExtractor(nn.Module):
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(b, 3, S, S) -> (patches, context or None, pooled) of one backbone call."""
-        with autocast(x.device, self.config.precision):
+        # fp32 leaves any enclosing autocast region alone (moleflow bench runs the GPU end to end under one)
+        bf16 = autocast(x.device, "bf16") if self.config.precision == "bf16" else contextlib.nullcontext()
+        with bf16:
             maps, pooled = self.backbone(x.contiguous(memory_format=self.memory_format), pooled=self.with_pooled)
         maps = [m.float() for m in maps]  # bf16: aggregate and pool in float32
         pooled = None if pooled is None else pooled.float()
