@@ -66,16 +66,23 @@ METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 PATCHCORE_SIGMA = 4.0  # PatchCore's Gaussian (pixels of the input image)
 
 
-def six_tasks(shared: Path) -> list[str]:
+#: The six products' names here, and as benchmarks/six_products.sh names them (the runs of docs/RESULTS.md).
+SWEEP_NAMES = ("hazelnut_toy", "mpdd_metal_plate", "elpv_mono", "elpv_poly", "magnetic_tile", "bsd_pitting")
+BENCHMARK_NAMES = ("hazelnut", "metal_plate", "elpv_mono", "elpv_poly", "magnetic_tile", "bsd_pitting")
+
+
+def six_tasks(shared: Path, names: tuple[str, ...] = SWEEP_NAMES) -> list[str]:
+    """``NAME=SOURCE`` specs of the six real products (``shared`` holds ``datasets/``), named ``names``."""
     d = shared / "datasets"
-    return [
-        f"hazelnut_toy={d / 'hazelnut_toy/hazelnut'}",
-        f"mpdd_metal_plate={d / 'mpdd_metal_plate/metal_plate'}",
-        "elpv_mono=elpv:mono",
-        "elpv_poly=elpv:poly",
-        f"magnetic_tile={d / 'magnetic_tile/magnetic_tile'}",
-        f"bsd_pitting={d / 'bsd_pitting/bsd_pitting'}",
-    ]
+    sources = (
+        d / "hazelnut_toy/hazelnut",
+        d / "mpdd_metal_plate/metal_plate",
+        "elpv:mono",
+        "elpv:poly",
+        d / "magnetic_tile/magnetic_tile",
+        d / "bsd_pitting/bsd_pitting",
+    )
+    return [f"{name}={source}" for name, source in zip(names, sources, strict=True)]
 
 
 def split_holdout(task: TaskData, holdout: float = 0.2) -> tuple[TaskData, tuple]:

@@ -29,19 +29,8 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
-
-
-def six_products(shared: Path) -> list[str]:
-    d = shared / "datasets"
-    return [
-        f"hazelnut={d / 'hazelnut_toy/hazelnut'}",
-        f"metal_plate={d / 'mpdd_metal_plate/metal_plate'}",
-        "elpv_mono=elpv:mono",
-        "elpv_poly=elpv:poly",
-        f"magnetic_tile={d / 'magnetic_tile/magnetic_tile'}",
-        f"bsd_pitting={d / 'bsd_pitting/bsd_pitting'}",
-    ]
+sys.path.insert(0, str(HERE))
+from quality_sweep import BENCHMARK_NAMES, METRICS, PATCHCORE_SIGMA, six_tasks  # noqa: E402
 
 
 def weighted_score(weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -73,7 +62,6 @@ def _metrics(image: torch.Tensor, maps: torch.Tensor | None, eval_set, size: int
     from moleflow.evaluation.task_metrics import task_metrics
     from moleflow.scoring import anomaly_maps
 
-    PATCHCORE_SIGMA = 4.0  # the Gaussian both detectors use (pixels of the input image)
     full = None if eval_set.masks is None else anomaly_maps(maps, (size, size), PATCHCORE_SIGMA).numpy()
     values = task_metrics(image.numpy(), eval_set.labels, full, eval_set.masks).values
     return {
@@ -144,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", nargs="+", default=None, help="NAME=SOURCE specs (default: the six products)")
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help="memory-bank: these products only")
     args = p.parse_args(argv)
-    args.tasks = args.tasks or six_products(args.shared)
+    args.tasks = args.tasks or six_tasks(args.shared, BENCHMARK_NAMES)
     if args.probe == "logdet":
         args.weights = args.weights or [0.0, 0.5, 1.25, 1.5]
         logdet_probe(args)

@@ -199,6 +199,18 @@ def compiled(fns: dict[str, Callable[[], object]], context: Callable) -> tuple[d
     return {"upstream": fns["upstream"], "ours": ours}, seconds
 
 
+def step_rows(step: str, precision: str, steps: dict[str, Callable[[], object]], context: Callable, repeats: int,
+              compile_ours: bool) -> list[dict]:  # fmt: skip
+    """The row of ``step`` with ours at ``precision``; with ``compile_ours`` also ours compiled (same parameters
+    and optimizer state)."""
+    rows = [{"step": step, "upstream": "fp32", "ours": precision, **interleaved(steps, repeats, context)}]
+    if compile_ours:
+        steps, seconds = compiled(steps, context)
+        row = interleaved(steps, repeats, context)
+        rows.append({"step": step, "upstream": "fp32", "ours": f"{precision}+compile", "compile_s": seconds, **row})
+    return rows
+
+
 def compare(
     path: Path, batch: int, repeats: int, precisions: tuple[str, ...] = ("fp32", "bf16"), compile_ours: bool = False
 ) -> dict:
@@ -222,26 +234,14 @@ def compare(
         ours_cfg = apply_overrides(cfg, [f"train.precision={precision}", f"scoring.precision={precision}"])
         theirs, ours = upstream_head(mole_nf, dim, couplings, rank), build_head(ours_cfg, torch.device("cpu"))
         theirs.train(), ours.train()
-        train_steps = _train_steps(theirs, ours, feats, ours_cfg)
-        train = interleaved(train_steps, repeats, contextlib.nullcontext)
-        result["rows"].append({"step": "train", "upstream": "fp32", "ours": precision, **train})
-        if compile_ours:  # the compiled step shares the eager one's parameters and optimizer state
-            steps, seconds = compiled(train_steps, contextlib.nullcontext)
-            row = interleaved(steps, repeats, contextlib.nullcontext)
-            result["rows"].append(
-                {"step": "train", "upstream": "fp32", "ours": f"{precision}+compile", "compile_s": seconds, **row}
-            )
+        rows = step_rows(
+            "train", precision, _train_steps(theirs, ours, feats, ours_cfg), contextlib.nullcontext, repeats, compile_ours
+        )
         theirs.eval(), ours.eval()
         ours.set_trainable(None, train_base=False)
         steps = _inference_steps(theirs, ours, feats, ours_cfg.scoring.precision)
-        inference = interleaved(steps, repeats, torch.inference_mode)
-        result["rows"].append({"step": "inference", "upstream": "fp32", "ours": precision, **inference})
-        if compile_ours:
-            steps, seconds = compiled(steps, torch.inference_mode)
-            row = interleaved(steps, repeats, torch.inference_mode)
-            result["rows"].append(
-                {"step": "inference", "upstream": "fp32", "ours": f"{precision}+compile", "compile_s": seconds, **row}
-            )
+        rows += step_rows("inference", precision, steps, torch.inference_mode, repeats, compile_ours)
+        result["rows"] += rows
     result["load_average_after"] = os.getloadavg()
     return result
 

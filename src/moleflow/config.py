@@ -492,9 +492,10 @@ def load_run_config(path: Path) -> MoleFlowConfig:
     """A run directory's ``config.yaml``: as :func:`load_config`, with backbone keys the run predates read as
     :data:`LEGACY_BACKBONE` (so a preset's new default never changes the model of an existing run)."""
     data = _read_yaml_mapping(Path(path))
-    backbone = (data.get("model") or {}).get("backbone") if isinstance(data.get("model"), Mapping) else None
+    model = data.get("model")
+    backbone = model.get("backbone") if isinstance(model, Mapping) else None
     if isinstance(backbone, Mapping):
-        data = {**data, "model": {**data["model"], "backbone": {**LEGACY_BACKBONE, **backbone}}}
+        data["model"] = {**model, "backbone": {**LEGACY_BACKBONE, **backbone}}
     return config_from_dict(data, str(path))
 
 
@@ -512,7 +513,7 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
 
 
 def load_config(source: str | Path) -> MoleFlowConfig:
-    """A preset name (``paper``, ``v5``, ``offline``) or the path of a YAML file."""
+    """A preset name (one of :data:`PRESETS`) or the path of a YAML file."""
     if isinstance(source, str) and source in PRESETS:
         return preset(source)
     path = Path(source)
