@@ -67,7 +67,13 @@ def build_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: TrainConfi
             wd_ratio=cfg.adamp_wd_ratio,
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        # the fused kernel (one pass over each parameter's state instead of torch's multi-tensor loop) exists for
+        # CPU and CUDA tensors; same update up to float32 rounding
+        devices = {p.device.type for params in groups.values() for p in params}
+        fused = bool(devices) and devices <= {"cpu", "cuda"}
+        return torch.optim.AdamW(
+            param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None
+        )
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamp' or 'adamw'")
 
 

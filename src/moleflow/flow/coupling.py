@@ -23,13 +23,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def permute_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+class _PermuteChannels(torch.autograd.Function):
+    """``gather`` along the last axis whose backward is the inverse permutation's ``gather``.
+
+    autograd's own backward of ``gather`` zero-fills a full-size tensor and scatter-adds into it (two
+    passes, one of them slow); a permutation's adjoint is its inverse, one ``gather``. Same gradient values.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.gather(-1, index.expand(x.shape))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.gather(-1, inverse.expand(grad.shape)), None, None
+
+
+def permute_channels(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
     """``x[..., index]`` for a permutation ``index (D,)`` of the last axis, as a ``gather``.
 
-    Same values bit for bit, forward and backward; on a CPU it is faster than advanced indexing of the last
-    axis, forward and in its backward (measured on the offline head by benchmarks/head_ab.py: 1.1 - 1.3x per
-    training step, 1.1 - 1.2x per inference; docs/PERFORMANCE.md, "Speed levers").
+    Same values bit for bit; on a CPU it is faster than advanced indexing of the last axis, forward and in
+    its backward (measured on the offline head by benchmarks/head_ab.py: 1.1 - 1.3x per training step, 1.1 -
+    1.2x per inference; docs/PERFORMANCE.md, "Speed levers"). With ``inverse`` (``argsort(index)``) given and
+    autograd recording, the backward is a gather by ``inverse`` (:class:`_PermuteChannels`); without autograd
+    (inference, tracing for ONNX) it is the plain ``gather``.
     """
+    if inverse is not None and torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteChannels.apply(x, index, inverse)
     return x.gather(-1, index.expand(x.shape))
 
 
@@ -73,23 +95,24 @@ class AllInOneCoupling(nn.Module):
         and the log-det sum, so that the latent and the scores stay float32 (moleflow.precision).
         """
         a = 0.1 * self.subnet(x1, task).to(x1.dtype)
-        s = self.clamp * torch.tanh(a[..., : self.active])
-        return s, a[..., self.active :]
+        # split, not two slices: the backward of a split is one cat, that of each slice a zero-filled copy
+        s_raw, t = a.split(self.active, dim=-1)
+        return self.clamp * torch.tanh(s_raw), t
 
     def forward(self, x: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, H, W, D) -> (y (B, H, W, D), log|det J| (B, H, W))``."""
-        x1, x2 = x[..., : self.passive], x[..., self.passive :]
+        x1, x2 = x.split([self.passive, self.active], dim=-1)
         s, t = self._coefficients(x1, task)
         u = torch.cat([x1, x2 * torch.exp(s) + t], dim=-1)
         g = self.global_scale_value()
-        y = permute_channels(u * g + self.global_offset, self.perm)
+        y = permute_channels(u * g + self.global_offset, self.perm, self.inv_perm)
         return y, s.sum(dim=-1) + torch.log(g).sum()
 
     def inverse(self, y: torch.Tensor, task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``y (B, H, W, D) -> (x, -log|det J| (B, H, W))``."""
         g = self.global_scale_value()
-        u = (permute_channels(y, self.inv_perm) - self.global_offset) / g
-        x1, y2 = u[..., : self.passive], u[..., self.passive :]
+        u = (permute_channels(y, self.inv_perm, self.perm) - self.global_offset) / g
+        x1, y2 = u.split([self.passive, self.active], dim=-1)
         s, t = self._coefficients(x1, task)
         x = torch.cat([x1, (y2 - t) * torch.exp(-s)], dim=-1)
         return x, -(s.sum(dim=-1) + torch.log(g).sum())

@@ -33,7 +33,7 @@ class DIACoupling(nn.Module):
         nn.init.zeros_(self.out_layer.bias)
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = x[..., : self.half], x[..., self.half :]
+        a, b = x.split(self.half, dim=-1)  # one cat in the backward, not two zero-filled copies
         return (a, b) if self.passive_first else (b, a)
 
     def _join(self, passive: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -41,8 +41,8 @@ class DIACoupling(nn.Module):
 
     def _coefficients(self, passive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.out_layer(F.relu(self.hidden_layer(passive))).to(passive.dtype)  # float32 under bf16 autocast
-        s = self.clamp * torch.tanh(out[..., : self.half] / self.clamp)
-        return s, out[..., self.half :]
+        s_raw, t = out.split(self.half, dim=-1)
+        return self.clamp * torch.tanh(s_raw / self.clamp), t
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, H, W, D) -> (y, log|det J| (B, H, W))``."""
