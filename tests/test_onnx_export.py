@@ -257,6 +257,16 @@ def test_predict_on_an_export_imports_neither_torch_nor_timm(exported, tmp_path)
     assert all(Path(r["heatmap"]).is_file() for r in rows)
 
 
+def test_predict_refuses_to_compile_an_export(exported, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    Image.fromarray(_images()[0][0]).save(tmp_path / "a.png")
+    out = tmp_path / "predictions"
+    assert main(["predict", str(exported), str(tmp_path / "a.png"), "--out", str(out), "--compile"]) == 2
+    assert "--compile is for the torch runtime" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_the_runtime_library_needs_only_numpy_pillow_and_onnxruntime(exported, tmp_path) -> None:
     code = (
         "import sys\n"

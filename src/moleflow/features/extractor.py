@@ -23,7 +23,7 @@ the ViT. ``pooled`` is the backbone's final-layer image feature (see :mod:`.back
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,6 +154,7 @@ class FeatureExtractor(nn.Module):
             # up to float rounding (measured by `moleflow bench`, section "optimizations")
             self.set_memory_format(torch.channels_last)
         self._grid = self._probe_grid()
+        self._compiled_backbone: Callable | None = None  # the backbone's torch.compile'd forward (compile_backbone)
         super().train(False)
 
     # ------------------------------------------------------------------ properties
@@ -184,6 +185,36 @@ class FeatureExtractor(nn.Module):
         self.memory_format = memory_format
         self.backbone.to(memory_format=memory_format)
         return self
+
+    @property
+    def backbone_compiled(self) -> bool:
+        return self._compiled_backbone is not None
+
+    def compile_backbone(self, enabled: bool = True) -> FeatureExtractor:
+        """Run the frozen backbone under ``torch.compile`` (inductor) from the next call on, or eagerly again.
+
+        The features are those of the eager backbone up to float rounding (identical on Lite2 on a CPU:
+        inductor calls the same convolution kernels and fuses the elementwise layers around them), and the
+        backbone runs faster per image (docs/PERFORMANCE.md, "A compiled backbone"). The first call of each
+        micro-batch shape compiles it (seconds with inductor's on-disk cache warm, up to a minute cold): worth
+        it for a server or a long prediction, not for a handful of images. On a CPU the shapes are the
+        micro-batches of 1 .. ``CPU_BACKBONE_CHUNK`` images, each compiled once (static shapes); elsewhere a
+        batch's size varies, and torch's automatic dynamic shapes take over from the second size seen.
+        """
+        if not enabled:
+            self._compiled_backbone = None
+        elif self._compiled_backbone is None:
+            dynamic = False if self.mean.device.type == "cpu" else None
+            # the bound forward, not the module: a compiled module would register as a submodule (state_dict keys)
+            self._compiled_backbone = torch.compile(self.backbone.forward, dynamic=dynamic)
+        return self
+
+    def warm_up(self, max_batch: int) -> None:
+        """Run every micro-batch shape a call of up to ``max_batch`` images can produce once (compiles them)."""
+        sizes = range(1, min(max_batch, CPU_BACKBONE_CHUNK) + 1) if self.mean.device.type == "cpu" else (1, max_batch)
+        s = self.image_size
+        for b in sorted(set(sizes)):
+            self(torch.zeros(b, 3, s, s, device=self.mean.device))
 
     # ------------------------------------------------------------------ frozen
 
@@ -233,7 +264,8 @@ class FeatureExtractor(nn.Module):
         # fp32 leaves any enclosing autocast region alone (moleflow bench runs the GPU end to end under one)
         bf16 = autocast(x.device, "bf16") if self.config.precision == "bf16" else contextlib.nullcontext()
         with bf16:
-            maps, pooled = self.backbone(x.contiguous(memory_format=self.memory_format), pooled=self.with_pooled)
+            run = self._compiled_backbone or self.backbone
+            maps, pooled = run(x.contiguous(memory_format=self.memory_format), pooled=self.with_pooled)
         maps = [m.float() for m in maps]  # bf16: aggregate and pool in float32
         pooled = None if pooled is None else pooled.float()
         if pooled is None:

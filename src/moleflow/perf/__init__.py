@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the raw result as JSON")
     parser.add_argument("--markdown", type=Path, help="write the report as Markdown")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--compile", action="store_true", help="also time the head under torch.compile (slow to build)")
+    parser.add_argument("--compile", action="store_true", help="also time the head and backbone compiled (slow to build)")
     args = parser.parse_args(argv)
     result = run_bench(args.quick, args.device, compile_head=args.compile)
     text = to_markdown(result)

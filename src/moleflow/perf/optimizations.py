@@ -152,7 +152,7 @@ def channels_last_backbone(device: torch.device, batch: int, reps: int) -> dict:
     )
 
 
-def backbone_path(device: torch.device, batch: int, reps: int, precision: str = "fp32") -> dict:
+def backbone_path(device: torch.device, batch: int, reps: int, precision: str = "fp32", compiled: bool = False) -> dict:
     """End-to-end inference, efficientnet_lite2: the backbone path as it was -> as it is.
 
     Before: the timm model with its BatchNorms, the whole batch in one call, the network run to its last
@@ -161,7 +161,9 @@ def backbone_path(device: torch.device, batch: int, reps: int, precision: str = 
     ``CPU_BACKBONE_CHUNK`` on a CPU, the network stopped at the deepest selected layer, maps as one small
     matrix per axis (``moleflow.scoring.anomaly_maps``). Same head, router and images. ``precision="bf16"``:
     after also runs the backbone and the head in bf16 (``model.backbone.precision``, ``scoring.precision``),
-    so the row's ratio is the old fp32 path against the bf16 one, and its difference bf16's.
+    so the row's ratio is the old fp32 path against the bf16 one, and its difference bf16's. ``compiled``:
+    after runs the backbone under ``torch.compile`` (``FeatureExtractor.compile_backbone``; compiled, and its
+    compile time recorded, before the timing).
     """
     import torch.nn.functional as F
 
@@ -176,6 +178,12 @@ def backbone_path(device: torch.device, batch: int, reps: int, precision: str = 
     bcfg, size = cfg.model.backbone, cfg.model.backbone.image_size
     options = InferenceOptions(bf16=False, channels_last=True)
     extractor, model, router = e2e_setup(cfg, device, options)
+    compile_s = None
+    if compiled:
+        extractor.compile_backbone()
+        start = time.perf_counter()
+        _e2e_pass(extractor, model, router, cfg, random_images(batch, bcfg.image_size), options)  # compiles its shapes
+        compile_s = time.perf_counter() - start
     unfolded = create_backbone(bcfg.name, bcfg.layers, size, bcfg.pretrained).to(device, memory_format=torch.channels_last)
     images = random_images(batch, size)
 
@@ -192,13 +200,17 @@ def backbone_path(device: torch.device, batch: int, reps: int, precision: str = 
         return _e2e_pass(extractor, model, router, cfg, images, options)
 
     old, new = before(), after()
+    extra = {} if compile_s is None else {"compile_seconds": compile_s}
     return _pair(
         f"end to end, efficientnet_lite2, batch {batch}",
         "BatchNorm, one call, whole network, conv maps",
-        "folded, micro-batches, stop at last layer used, matrix maps" + ("" if precision == "fp32" else f", {precision}"),
+        "folded, micro-batches, stop at last layer used, matrix maps"
+        + ("" if precision == "fp32" else f", {precision}")
+        + (", backbone compiled" if compiled else ""),
         time_fn(before, device, 1, reps),
         time_fn(after, device, 1, reps),
         max_rel_diff=((old - new).abs().max() / (old.max() - old.min())).item(),
+        **extra,
     )
 
 
@@ -252,6 +264,8 @@ def run_optimizations(device: torch.device, quick: bool, compile_head: bool = Fa
     rows.append(channels_last_backbone(device, batch=8, reps=2 if quick else 5))
     rows += [backbone_path(device, batch=b, reps=2 if quick else 5) for b in (1, 32)]
     rows.append(backbone_path(device, batch=32, reps=2 if quick else 5, precision="bf16"))
+    if compile_head:  # `moleflow bench --compile`: compiling takes tens of seconds on a CPU
+        rows += [backbone_path(device, batch=b, reps=2 if quick else 5, compiled=True) for b in (1, 32)]
     rows.append(data_loading_workers(device, n_images=32 if quick else 96))
     return rows
 

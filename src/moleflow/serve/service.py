@@ -45,6 +45,8 @@ def load_detector(run_dir: str | os.PathLike[str], settings: ServeSettings) -> D
     detector = Detector.load(run_dir, **options)
     if not detector.products:
         raise DetectorError(f"run {run_dir} has no products yet; learn one first (moleflow learn {run_dir} NAME=SOURCE)")
+    if settings.compile_backbone:
+        detector.extractor.compile_backbone()
     return detector
 
 
@@ -80,6 +82,8 @@ class InspectionService:
         if self.settings.warmup:  # builds the backbone and runs it once: the first request is not the slow one
             start = time.perf_counter()
             size = self.detector.cfg.model.backbone.image_size
+            if self.detector.extractor.backbone_compiled:  # every shape a batch can bring, compiled before requests
+                self.detector.extractor.warm_up(self.settings.max_batch)
             self._predict([np.zeros((size, size, 3), np.uint8)])
             log.info("model warmed up in %.1f s", time.perf_counter() - start)
         self.batcher.start()

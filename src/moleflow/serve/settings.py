@@ -28,7 +28,8 @@ class ServeSettings:
     uploads decoded at once (each may take ``3 x max_megapixels`` MB while it is); ``max_connections``:
     connections uvicorn accepts at once (503 beyond), which bounds the memory of uploads in flight to about
     ``max_connections x max_upload_mb``; ``warmup``: run one image through the model before accepting
-    requests, so the first request is not the slow one.
+    requests, so the first request is not the slow one; ``compile_backbone``: run the backbone under
+    ``torch.compile`` (same features, faster per image; the warm-up then compiles every micro-batch shape).
     """
 
     host: str = "127.0.0.1"
@@ -45,6 +46,7 @@ class ServeSettings:
     decoders: int = 2
     max_connections: int = 64
     warmup: bool = True
+    compile_backbone: bool = False
 
     def __post_init__(self) -> None:
         checks = (
