@@ -211,7 +211,7 @@ def test_a_run_config_that_predates_backbone_keys_reads_their_legacy_values(tmp_
     assert load_config(path).model.backbone.grid == "finest"  # a user's config file takes the preset's defaults
 
 
-def test_offline_fine_is_offline_on_the_stride_8_grid_with_three_values_changed():
+def test_offline_fine_is_offline_on_the_stride_8_grid_with_four_values_changed():
     fine, base = to_dict(preset("offline_fine")), to_dict(preset("offline"))
     changed = {
         (section, key)
@@ -220,7 +220,13 @@ def test_offline_fine_is_offline_on_the_stride_8_grid_with_three_values_changed(
         for key in base[section]
         if base[section][key] != fine[section][key]
     }
-    assert changed == {("model", "backbone"), ("loss", "tail_weight"), ("train", "patch_fraction")}
+    assert changed == {
+        ("model", "backbone"),
+        ("model", "positional_encoding"),
+        ("loss", "tail_weight"),
+        ("train", "patch_fraction"),
+    }
+    assert fine["model"]["positional_encoding"] is False
     backbone = {k for k in base["model"]["backbone"] if base["model"]["backbone"][k] != fine["model"]["backbone"][k]}
     assert backbone == {"grid"} and fine["model"]["backbone"]["grid"] == "finest"
     assert (fine["loss"]["tail_weight"], fine["train"]["patch_fraction"]) == (0.7, 0.125)

@@ -434,14 +434,15 @@ def _offline() -> MoleFlowConfig:
 def _offline_fine() -> MoleFlowConfig:
     # offline on the finest selected layer's grid (stride 8: 28x28 at 224 px, PatchCore's), the coarser layer
     # upsampled to it. Four times the patches, so each step trains on an eighth of them (as many as offline's
-    # half of the 14x14 grid), and the tail term weighs 0.7 (the outline's text). Six products, 3 seeds: pixel
-    # AP 49.2 -> 52.1, AUPRO 78.1 -> 79.6 on the means; 1.2x offline's learning time and 1.7x its inference
-    # time per image at batch 32 (docs/RESULTS.md, docs/QUALITY_STUDY.md, "The finest grid")
+    # half of the 14x14 grid), and the tail term weighs 0.7 (the outline's text). No positional encoding: on
+    # this grid it cost magnetic_tile 1.0 pixel AP and helped no product. Six products, 3 seeds: pixel AP
+    # 49.2 -> 52.3, AUPRO 78.1 -> 79.9 on the means, every product at or above offline; 1.2x offline's learning
+    # time and 1.7x its inference time per image at batch 32 (docs/RESULTS.md, docs/QUALITY_STUDY.md)
     cfg = _offline()
     return replace(
         cfg,
         preset="offline_fine",
-        model=replace(cfg.model, backbone=replace(cfg.model.backbone, grid="finest")),
+        model=replace(cfg.model, backbone=replace(cfg.model.backbone, grid="finest"), positional_encoding=False),
         loss=replace(cfg.loss, tail_weight=0.7),
         train=replace(cfg.train, patch_fraction=0.125),
     )
