@@ -188,6 +188,7 @@ class FeatureExtractor(nn.Module):
 
     @property
     def backbone_compiled(self) -> bool:
+        """Whether the backbone runs under ``torch.compile`` (:meth:`compile_backbone`)."""
         return self._compiled_backbone is not None
 
     def compile_backbone(self, enabled: bool = True) -> FeatureExtractor:
@@ -195,11 +196,12 @@ class FeatureExtractor(nn.Module):
 
         The features are those of the eager backbone up to float rounding (identical on Lite2 on a CPU:
         inductor calls the same convolution kernels and fuses the elementwise layers around them), and the
-        backbone runs faster per image (docs/PERFORMANCE.md, "A compiled backbone"). The first call of each
+        backbone runs faster per image (docs/PERFORMANCE.md, "fourth speed session"). The first call of each
         micro-batch shape compiles it (seconds with inductor's on-disk cache warm, up to a minute cold): worth
         it for a server or a long prediction, not for a handful of images. On a CPU the shapes are the
         micro-batches of 1 .. ``CPU_BACKBONE_CHUNK`` images, each compiled once (static shapes); elsewhere a
-        batch's size varies, and torch's automatic dynamic shapes take over from the second size seen.
+        batch's size varies, and torch's automatic dynamic shapes take over from the second size seen (call
+        this after moving the extractor to its device).
         """
         if not enabled:
             self._compiled_backbone = None
