@@ -25,7 +25,9 @@ that run uses ``model.backbone.grid=finest``.
 ``--rescore RUN_DIR``: no training; the run directory of an earlier sweep is copied to ``--out`` and its
 products are evaluated again under its config plus ``--set`` overrides of the ``scoring`` and ``router``
 sections (routing uses the stored prototypes), e.g. to measure the smoothing sigma or top-k without
-retraining. Only threshold-free metrics stay comparable: the thresholds were calibrated under the old scoring.
+retraining. Only threshold-free metrics stay comparable: the thresholds were calibrated under the old scoring,
+except with ``scoring.global_weight`` changed, which needs each product's calibration: then every product is
+recalibrated on its held-out normals first (in the copy).
 
 Writes ``results.json`` (the continual run), ``patchcore.json``, ``summary.json`` and ``summary.md``.
 """
@@ -277,6 +279,9 @@ def rescore(args, out: Path):
     if to_dict(cfg.model) != to_dict(run_cfg.model) or to_dict(cfg.train) != to_dict(run_cfg.train):
         raise SystemExit(f"--rescore {run}: only scoring.* and router.* may be overridden (the models are not retrained)")
     exp.detector.cfg, exp.router.cfg = cfg, cfg.router  # in memory only: the copy's config.yaml stays the run's
+    if cfg.scoring.global_weight != run_cfg.scoring.global_weight:  # the mix is fitted on calibration normals
+        for name in exp.detector.products:
+            exp.detector.calibrate(name, commit=False)
     exp.session.evaluate()
     keys = ("train_seconds", "epochs_run", "best_epoch", "validation_nll", "fit_images", "train_seconds_per_300")
     summary = run / "summary.json"  # absent for a run made by `moleflow learn`: no training rows then

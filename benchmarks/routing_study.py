@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moleflow.config import RouterConfig, apply_overrides, load_config, to_dict
+from moleflow.config import RouterConfig, apply_overrides, load_config, replace, to_dict
 from moleflow.data.spec import parse_limits, resolve_tasks
 from moleflow.experiment import ContinualExperiment
 from moleflow.routing import PrototypeAccumulator, Router
@@ -31,6 +31,10 @@ VARIANTS: dict[str, RouterConfig] = {
     "patch_mean / mahalanobis / oas": RouterConfig(feature="patch_mean", metric="mahalanobis", shrinkage="oas"),
     "patch_mean / mahalanobis / oas / pooled": RouterConfig(
         feature="patch_mean", metric="mahalanobis", shrinkage="oas", covariance="pooled"
+    ),
+    "patch_moments / mahalanobis / oas": RouterConfig(feature="patch_moments", metric="mahalanobis", shrinkage="oas"),
+    "patch_moments / mahalanobis / oas / pooled": RouterConfig(
+        feature="patch_moments", metric="mahalanobis", shrinkage="oas", covariance="pooled"
     ),
     "patch_mean / euclidean": RouterConfig(feature="patch_mean", metric="euclidean"),
     "backbone_pooled / mahalanobis / oas": RouterConfig(feature="backbone_pooled", metric="mahalanobis", shrinkage="oas"),
@@ -75,6 +79,9 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = apply_overrides(load_config(args.config), args.set)
+    # extract with the backbone's final-layer feature too (the backbone_pooled variants route on it; a
+    # preset that routes on the patches skips it), the patches are the same
+    cfg = replace(cfg, router=replace(cfg.router, feature="backbone_pooled"))
     resolved = resolve_tasks(six_tasks(Path(args.shared)), limits=parse_limits(args.limits))
     tasks = [split_holdout(t, cfg.calibration.holdout)[0] for t in resolved]
     exp = ContinualExperiment(

@@ -2,6 +2,7 @@
 
     python benchmarks/score_probes.py logdet RUN --out DIR [--weights 0,0.5,1.25,1.5] [quality_sweep options]
     python benchmarks/score_probes.py memory-bank RUN --out DIR [--weights 0.3,0.5,0.7] [--only TASK,...]
+    python benchmarks/score_probes.py global RUN --out DIR [--weights 0.2,0.35,0.5] [--only TASK,...]
 
 ``RUN`` is a run directory of the six-product benchmark (``benchmarks/six_products.sh``, ``--limits 300,400``).
 
@@ -13,6 +14,14 @@ routed, threshold-free metrics only (the thresholds were calibrated under the de
 its stride-8 features), each standardised by the mean and spread of its own patch scores on the
 product's held-out normals; the flow's map is upsampled to PatchCore's grid, and ``w`` weighs PatchCore
 (image score: the same sum of the standardised image scores). Task id given. Writes ``DIR/memory_bank.json``.
+
+``global``: the image score only (maps unchanged): the flow's image score summed with an image-level
+Gaussian distance (Rippel et al. 2020), each standardised by its mean and spread on the product's held-out
+normals, ``w`` on the distance. Two global features: ``proto``, the router's own squared Mahalanobis
+distance to the product's prototype (what ``ScoredBatch.distances`` holds, free at inference), and
+``meanstd``, the per-channel mean and standard deviation of the image's patches (2 D numbers) under a
+Gaussian fitted (OAS shrinkage) on the fit share of the product's training normals. Task id given.
+Writes ``DIR/global.json``.
 """
 
 from __future__ import annotations
@@ -62,6 +71,9 @@ def _metrics(image: torch.Tensor, maps: torch.Tensor | None, eval_set, size: int
     from moleflow.evaluation.task_metrics import task_metrics
     from moleflow.scoring import anomaly_maps
 
+    if maps is None:  # image-level probe: the image AUROC alone
+        values = task_metrics(image.numpy(), eval_set.labels, None, None).values
+        return {"image_auroc": round(100 * float(values["image_auroc"]), 1)}
     full = None if eval_set.masks is None else anomaly_maps(maps, (size, size), PATCHCORE_SIGMA).numpy()
     values = task_metrics(image.numpy(), eval_set.labels, full, eval_set.masks).values
     return {
@@ -120,9 +132,72 @@ def memory_bank_probe(args: argparse.Namespace) -> None:
     (args.out / "memory_bank.json").write_text(json.dumps(results, indent=1))
 
 
+def _mean_std(patches: torch.Tensor) -> np.ndarray:
+    """``(N, H, W, D)`` -> ``(N, 2 D)`` float64: per-channel mean and standard deviation over the grid."""
+    x = patches.double().flatten(1, 2)
+    return torch.cat([x.mean(dim=1), x.std(dim=1)], dim=1).numpy()
+
+
+def _mean_max(patches: torch.Tensor) -> np.ndarray:
+    """``(N, H, W, D)`` -> ``(N, 2 D)`` float64: per-channel mean and maximum over the grid."""
+    x = patches.double().flatten(1, 2)
+    return torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=1).numpy()
+
+
+GLOBAL_FEATURES = {"meanstd": _mean_std, "meanmax": _mean_max}
+
+
+def global_probe(args: argparse.Namespace) -> None:
+    from sklearn.covariance import OAS
+
+    from moleflow.data.spec import parse_limits, resolve_tasks
+    from moleflow.experiment import ContinualExperiment
+    from moleflow.sources import holdout_split
+
+    tasks = resolve_tasks(args.tasks, limits=parse_limits(args.limits))
+    exp = ContinualExperiment.open(args.run, progress=False, feature_cache=args.feature_cache, check_calibration=False)
+    cfg, detector = exp.cfg, exp.detector
+    results = {}
+    for task in tasks:
+        if args.only and task.name not in args.only:
+            continue
+        fit, held = holdout_split(task.train, cfg.calibration.holdout)
+        index = detector.router.tasks.index(task.name)
+        eval_set = exp.prepare_eval_set(task)
+        fit_feats, held_feats = exp.extract(list(fit), "fit normals"), exp.extract(list(held), "held-out normals")
+
+        def scored(feats, index=index):
+            return detector.score(feats, torch.full((len(feats),), index, dtype=torch.long))
+
+        test, normals = scored(eval_set.features), scored(held_feats)
+
+        def standard(s: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+            s, normals = s.double(), normals.double()
+            return (s - normals.mean()) / normals.std()
+
+        flow_img = standard(test.image_scores, normals.image_scores)
+        features = {"proto": standard(test.distances, normals.distances)}
+        for name, describe in GLOBAL_FEATURES.items():
+            gaussian = OAS().fit(describe(fit_feats.patches))
+            dist_test = torch.from_numpy(gaussian.mahalanobis(describe(eval_set.features.patches)))
+            dist_held = torch.from_numpy(gaussian.mahalanobis(describe(held_feats.patches)))
+            features[name] = standard(dist_test, dist_held)
+        features["proto+meanstd"] = 0.5 * (features["proto"] + features["meanstd"])
+        size = exp.eval_size
+        rows = {"flow": _metrics(test.image_scores, None, eval_set, size)}
+        for name, dist in features.items():
+            rows[name] = _metrics(dist, None, eval_set, size)
+            for w in args.weights:
+                rows[f"{name}_w{w:g}"] = _metrics((1 - w) * flow_img + w * dist, None, eval_set, size)
+        results[task.name] = rows
+        print(task.name, json.dumps(rows), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "global.json").write_text(json.dumps(results, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("probe", choices=("logdet", "memory-bank"))
+    p.add_argument("probe", choices=("logdet", "memory-bank", "global"))
     p.add_argument("run", type=Path, help="run directory of the six-product benchmark")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--weights", type=lambda s: [float(v) for v in s.split(",")], default=None)
@@ -130,12 +205,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--feature-cache", type=Path, default=Path("runs/feature_cache"))
     p.add_argument("--limits", default="300,400")
     p.add_argument("--tasks", nargs="+", default=None, help="NAME=SOURCE specs (default: the six products)")
-    p.add_argument("--only", type=lambda s: s.split(","), default=None, help="memory-bank: these products only")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None, help="memory-bank, global: these products only")
     args = p.parse_args(argv)
     args.tasks = args.tasks or six_tasks(args.shared, BENCHMARK_NAMES)
     if args.probe == "logdet":
         args.weights = args.weights or [0.0, 0.5, 1.25, 1.5]
         logdet_probe(args)
+    elif args.probe == "global":
+        args.weights = args.weights or [0.2, 0.35, 0.5]
+        global_probe(args)
     else:
         args.weights = args.weights or [0.3, 0.5, 0.7]
         memory_bank_probe(args)

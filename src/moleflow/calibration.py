@@ -18,7 +18,9 @@ for the positive, right-skewed routing distances) is extrapolated to the ``1 - a
 the largest value seen. Which rule was used is recorded.
 
 The values themselves are kept (image scores, routing distances, upper pixel quantiles), so a product can
-be re-thresholded at another rate later without its images.
+be re-thresholded at another rate later without its images. With ``scoring.global_weight > 0`` the image
+score is the flow's score mixed with the routing distance (:mod:`moleflow.score_fusion`): the stored
+``scores`` stay the flow's, and the image threshold and centre are on the mixed scale.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
+from moleflow.score_fusion import ScoreFusion
 
 __all__ = [
     "PIXEL_TAIL_FPRS",
@@ -123,7 +127,9 @@ class Calibration:
     ``method``: ``holdout`` (a share of the training normals, not trained on), ``images`` (a separate
     folder of normals), ``in_sample`` (the training images themselves, when too few were given; optimistic)
     or ``manual`` (``image_threshold`` set by hand). ``scoring``: the scoring settings the values were made
-    under; scores made under other settings are on another scale and must not be compared.
+    under; scores made under other settings are on another scale and must not be compared. ``fusion``: how
+    the flow's image score and the routing distance make the image score (``scoring.global_weight > 0``;
+    None: the flow's score alone); ``scores`` are the flow's, the image threshold is on :meth:`image_scores`.
     """
 
     method: str
@@ -143,6 +149,14 @@ class Calibration:
     scores: list[float] = field(default_factory=list)
     distances: list[float] = field(default_factory=list)
     pixel_tail: list[float] = field(default_factory=list)
+    fusion: ScoreFusion | None = None
+
+    def image_scores(self, scores: np.ndarray | float, distances: np.ndarray | float) -> np.ndarray:
+        """The image scores the threshold applies to, float64: the flow's image ``scores`` as they are, or
+        mixed with the routing ``distances`` (same shape) under :attr:`fusion`."""
+        if self.fusion is None:
+            return np.asarray(scores, dtype=np.float64)
+        return self.fusion(scores, distances)
 
     @classmethod
     def fit(
@@ -157,9 +171,13 @@ class Calibration:
         pixel_fpr: float,
         unknown_fpr: float,
         unknown_margin: float,
+        global_weight: float = 0.0,
     ) -> Calibration:
-        """Thresholds from normal image scores ``(n,)``, routing distances ``(n,)`` and map pixels (any shape)."""
-        image = threshold_at_fpr(scores, image_fpr)
+        """Thresholds from normal image scores ``(n,)`` (the flow's), routing distances ``(n,)`` and map pixels
+        (any shape); ``global_weight > 0``: the image threshold is set on the scores mixed with the distances."""
+        fusion = ScoreFusion.fit(global_weight, scores, distances) if global_weight > 0 else None
+        final = np.asarray(scores, dtype=np.float64) if fusion is None else fusion(scores, distances)
+        image = threshold_at_fpr(final, image_fpr)
         unknown = threshold_at_fpr(distances, unknown_fpr, log=True)
         tail = pixel_tail(pixels)
         return cls(
@@ -169,7 +187,7 @@ class Calibration:
             image_fpr=float(image_fpr),
             image_threshold=image.value,
             image_rule=image.rule,
-            image_center=float(np.median(scores)),
+            image_center=float(np.median(final)),
             pixel_fpr=float(pixel_fpr),
             pixel_threshold=threshold_from_tail(tail, pixel_fpr),
             pixel_center=float(np.median(np.asarray(pixels))),
@@ -180,6 +198,7 @@ class Calibration:
             scores=[float(s) for s in np.asarray(scores).ravel()],
             distances=[float(d) for d in np.asarray(distances).ravel()],
             pixel_tail=tail,
+            fusion=fusion,
         )
 
     def with_rates(
@@ -188,7 +207,7 @@ class Calibration:
         """The same calibration values re-thresholded at other rates (``None`` keeps a rate)."""
         changes: dict[str, Any] = {}
         if image_fpr is not None:
-            rule = threshold_at_fpr(self.scores, image_fpr)
+            rule = threshold_at_fpr(self.image_scores(self.scores, self.distances), image_fpr)
             changes.update(image_fpr=float(image_fpr), image_threshold=rule.value, image_rule=rule.rule)
         if pixel_fpr is not None:
             changes.update(pixel_fpr=float(pixel_fpr), pixel_threshold=threshold_from_tail(self.pixel_tail, pixel_fpr))
@@ -209,7 +228,7 @@ class Calibration:
         """Share of the calibration images above the image threshold (what the threshold gave on them)."""
         if not self.scores:
             return None
-        return float(np.mean(np.asarray(self.scores) > self.image_threshold))
+        return float(np.mean(self.image_scores(self.scores, self.distances) > self.image_threshold))
 
     def summary(self) -> dict[str, Any]:
         """The thresholds and rates, without the stored values (for tables and results.json)."""
@@ -223,7 +242,10 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Calibration:
+        data = dict(data)
+        if data.get("fusion") is not None:
+            data["fusion"] = ScoreFusion.from_json(data["fusion"])
         try:
-            return cls(**dict(data))
+            return cls(**data)
         except TypeError as e:
             raise CalibrationError(f"calibration record does not match this moleflow version: {e}") from e

@@ -281,8 +281,10 @@ class RouterConfig(Section):
     """Mahalanobis routing: each task's own covariance (the spec), or ``pooled``: one covariance for all, the mean
     of the tasks' (shrunk) covariances, as in linear discriminant analysis. The routing distance an unknown
     product is judged by is always measured with the routed task's own covariance."""
-    feature: Literal["patch_mean", "backbone_pooled", "patch_gaussian"] = "patch_mean"
-    """patch_mean: mean of the position-encoded patches (one vector per image); backbone_pooled: the backbone's
+    feature: Literal["patch_mean", "patch_moments", "backbone_pooled", "patch_gaussian"] = "patch_mean"
+    """patch_mean: mean of the position-encoded patches (one vector per image); patch_moments: the patches'
+    per-channel mean and standard deviation over the grid (2 D numbers per image, so a prototype also knows
+    how much each channel varies inside a normal image); backbone_pooled: the backbone's
     final-layer image feature; patch_gaussian: each task keeps a Gaussian of its single patch features and an
     image goes to the task under which its patches have the lowest mean negative log-likelihood."""
 
@@ -297,7 +299,8 @@ class RouterConfig(Section):
         if self.covariance == "pooled" and (self.metric != "mahalanobis" or self.feature == "patch_gaussian"):
             raise PydanticCustomError(
                 "router",
-                "pooled needs router.metric=mahalanobis and an image-level router.feature (patch_mean or backbone_pooled); "
+                "pooled needs router.metric=mahalanobis and an image-level router.feature (patch_mean, patch_moments or "
+                "backbone_pooled); "
                 "set router.covariance=own for the others",
                 {"field": "covariance"},
             )
@@ -314,6 +317,11 @@ class ScoringConfig(Section):
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """compute of the head when scoring (thresholds are calibrated with it too): fp32, bf16 or auto, as
     train.precision; bf16 moves patch scores by about 1e-3 of their scale (docs/PERFORMANCE.md)."""
+    global_weight: float = Field(0.0, ge=0.0, lt=1.0)
+    """weight w of the image-level Gaussian in the image score, ``(1 - w) z(flow score) + w z(routing
+    distance)``, each standardised on the product's held-out normals (moleflow.score_fusion); the routing
+    distance is the squared Mahalanobis distance to the product's prototype (with router.feature=patch_moments:
+    of the image's per-channel patch mean and spread). 0: the flow's score alone. Maps are not changed."""
 
 
 class CalibrationConfig(Section):

@@ -437,7 +437,7 @@ class Detector(ProductRecords):
 
         ccfg = self.cfg.calibration
         index = torch.full((len(feats),), self.router.tasks.index(name), dtype=torch.long)
-        scored = self.score(feats, index)
+        scored = self._score_flow(feats, index)  # the flow's own image scores: the mix is fitted on them
         size = self.cfg.model.backbone.image_size
         maps = anomaly_maps(scored.patch_scores, (size, size), self.cfg.scoring.smoothing_sigma).numpy()
         return Calibration.fit(
@@ -450,6 +450,7 @@ class Detector(ProductRecords):
             pixel_fpr=rates.get("pixel_fpr", ccfg.pixel_fpr),
             unknown_fpr=rates.get("unknown_fpr", ccfg.unknown_fpr),
             unknown_margin=ccfg.unknown_margin,
+            global_weight=self.cfg.scoring.global_weight,
         )
 
     def remove(self, name: str, *, commit: bool = True) -> None:
@@ -524,7 +525,28 @@ class Detector(ProductRecords):
     # ------------------------------------------------------------------ scoring and prediction
 
     def score(self, feats: CachedFeatures, task_index: torch.Tensor | None = None) -> ScoredBatch:
-        """Score cached features in batches (routed when ``task_index`` is None); CPU results."""
+        """Score cached features in batches (routed when ``task_index`` is None); CPU results. The image
+        scores are those each product's threshold applies to: the flow's, or mixed with the routing distance
+        under the product's calibration (``scoring.global_weight``, :mod:`moleflow.score_fusion`)."""
+        scored = self._score_flow(feats, task_index)
+        if self.cfg.scoring.global_weight == 0:
+            return scored
+        mixed = scored.image_scores.clone()
+        for t in torch.unique(scored.task_index).tolist():
+            name = self.router.tasks[t]
+            cal = self._require(name).calibration
+            if cal.fusion is None or cal.fusion.weight != self.cfg.scoring.global_weight:
+                raise DetectorError(
+                    f"product {name!r} was calibrated without scoring.global_weight="
+                    f"{self.cfg.scoring.global_weight:g}; recalibrate it: moleflow calibrate RUN {name}"
+                )
+            rows = (scored.task_index == t).nonzero().squeeze(1)
+            values = cal.image_scores(scored.image_scores[rows].numpy(), scored.distances[rows].numpy())
+            mixed[rows] = torch.from_numpy(values).to(mixed.dtype)
+        return dataclasses.replace(scored, image_scores=mixed)
+
+    def _score_flow(self, feats: CachedFeatures, task_index: torch.Tensor | None = None) -> ScoredBatch:
+        """:meth:`score` with the flow's own image scores (what calibration mixes with the distances)."""
         if not self.router.tasks:
             raise DetectorError("this model has no products yet; learn one first")
         parts = []

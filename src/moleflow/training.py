@@ -99,7 +99,9 @@ def build_scheduler(
 def routing_features(model: MoLEFlow, batch: CachedFeatures, feature: str) -> torch.Tensor:
     """Routing features: ``(B, G)`` per image, or ``(B, H * W, G)`` patches for ``patch_gaussian``.
 
-    ``patch_mean``: mean over the grid of ``F0 + PE`` (v5); ``backbone_pooled``: the backbone's
+    ``patch_mean``: mean over the grid of ``F0 + PE`` (v5); ``patch_moments``: ``[mean, std]`` over the grid
+    of ``F0`` per channel, ``(B, 2 D)`` (without the encoding, which would add its own spread over positions;
+    its mean is the same constant for every image, so distances do not change); ``backbone_pooled``: the backbone's
     final-layer image feature (outline); ``patch_gaussian``: the patches ``F0`` themselves (the router
     summarises them; a prototype accumulates every patch). None depends on learned parameters.
     """
@@ -108,9 +110,33 @@ def routing_features(model: MoLEFlow, batch: CachedFeatures, feature: str) -> to
     if feature == "patch_gaussian":
         return batch.patches.flatten(1, 2)
     patches = batch.patches
+    if feature == "patch_moments":
+        return patch_moments(patches)
     if model.cfg.positional_encoding:
         patches = patches + model.positional(patches.shape[1], patches.shape[2], patches)
     return patches.mean(dim=(1, 2))
+
+
+def router_dim(cfg: MoleFlowConfig, pooled_dim: int) -> int:
+    """G, the width of one image's routing feature (``patch_gaussian``: of one patch), given the backbone's
+    final-layer width ``pooled_dim`` (only ``backbone_pooled`` uses it)."""
+    if cfg.router.feature == "backbone_pooled":
+        return pooled_dim
+    if cfg.router.feature == "patch_moments":
+        return 2 * cfg.model.backbone.embed_dim
+    return cfg.model.backbone.embed_dim
+
+
+def patch_moments(patches: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, D)`` -> ``(B, 2 D)``: per-channel mean, then per-channel standard deviation (unbiased)
+    over the grid, computed in float32 at least (a bf16 variance loses the small channels). Plain
+    operations rather than ``torch.std_mean``, so that the ONNX routing graph computes the same."""
+    x = patches.flatten(1, 2)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    mean = x.mean(dim=1)
+    std = (x - mean[:, None]).pow(2).sum(dim=1).div(max(1, x.shape[1] - 1)).sqrt()
+    return torch.cat([mean, std], dim=1)
 
 
 def sample_patches(x: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:

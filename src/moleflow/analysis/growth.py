@@ -28,6 +28,7 @@ from moleflow.checkpoint import save_base, save_router, save_task, task_file
 from moleflow.config import FlowConfig, LoRAConfig, ModelConfig, MoleFlowConfig, replace
 from moleflow.flow.model import MoLEFlow
 from moleflow.routing import Router
+from moleflow.training import router_dim
 from moleflow.visualize import new_figure, save_figure
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,12 @@ def closed_form_counts(model_cfg: ModelConfig, context_dim: int | None = None) -
 def backbone_dims(cfg: MoleFlowConfig) -> tuple[int | None, int]:
     """``(context_dim or None, router feature width G)``; builds the backbone (no weights) only if needed."""
     needs_context = cfg.model.scale_context is not None
-    if not needs_context and cfg.router.feature == "patch_mean":
-        return None, cfg.model.backbone.embed_dim
+    if not needs_context and cfg.router.feature != "backbone_pooled":
+        return None, router_dim(cfg, 0)
     from moleflow.features.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(replace(cfg.model.backbone, pretrained=False))
-    router_dim = extractor.pooled_dim if cfg.router.feature == "backbone_pooled" else cfg.model.backbone.embed_dim
-    return (extractor.context_dim if needs_context else None), router_dim
+    return (extractor.context_dim if needs_context else None), router_dim(cfg, extractor.pooled_dim)
 
 
 def resident_bytes() -> int:

@@ -30,6 +30,7 @@ from moleflow.features.extractor import FeatureExtractor
 from moleflow.flow.lora import LoRALinear
 from moleflow.flow.model import MoLEFlow
 from moleflow.scoring import patch_scores
+from moleflow.training import patch_moments
 
 __all__ = [
     "OPSET",
@@ -92,7 +93,12 @@ class BackboneGraph(nn.Module):
             patches = torch.cat(list(maps), dim=1).permute(0, 2, 3, 1)
         if self.pool_channels:
             patches = patches @ self.channels
-        routing = pooled if self.routing_feature == "backbone_pooled" else (patches + self.pe).mean(dim=(1, 2))
+        if self.routing_feature == "backbone_pooled":
+            routing = pooled
+        elif self.routing_feature == "patch_moments":
+            routing = patch_moments(patches)
+        else:
+            routing = (patches + self.pe).mean(dim=(1, 2))
         if self.with_context:
             return patches, routing, self._grid(maps, smooth=False)
         return patches, routing

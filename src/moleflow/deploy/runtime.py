@@ -185,7 +185,6 @@ class OnnxDetector(ProductRecords):
             product = self.products[int(index[i])]
             amap = resize_map(maps[i], map_shape(image.shape[:2], max_map_side))
             cal = self.records[product].calibration
-            out.append(
-                make_prediction(label, image.shape[:2], product, cal, float(image_score[i]), float(distances[i]), amap)
-            )
+            score = float(cal.image_scores(image_score[i], distances[i]))  # mixed with the distance if so calibrated
+            out.append(make_prediction(label, image.shape[:2], product, cal, score, float(distances[i]), amap))
         return out

@@ -17,6 +17,7 @@ import torch
 from moleflow.config import MoleFlowConfig, preset
 from moleflow.perf.flops import head_flops
 from moleflow.perf.timing import _free_memory, _sync, time_fn
+from moleflow.training import router_dim
 
 PRESET_NAMES = ("paper", "v5", "offline")
 PAPER_CONTEXT_DIM = 1536  # wide_resnet50_2 layer2 + layer3
@@ -226,8 +227,7 @@ def e2e_setup(cfg: MoleFlowConfig, device: torch.device, options: InferenceOptio
     if extractor.backbone.kind == "cnn":
         extractor.set_memory_format(torch.channels_last if options.channels_last else torch.contiguous_format)
     model = build_head(cfg, device, tasks=tasks, context_dim=extractor.context_dim)
-    use_pooled = cfg.router.feature == "backbone_pooled"
-    router, _ = synthetic_router(cfg, extractor.pooled_dim if use_pooled else extractor.embed_dim, tasks, device)
+    router, _ = synthetic_router(cfg, router_dim(cfg, extractor.pooled_dim), tasks, device)
     return extractor, model, router
 
 

@@ -1,0 +1,173 @@
+"""The image score mixed with the routing distance (scoring.global_weight, moleflow.score_fusion)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moleflow.calibration import Calibration, threshold_at_fpr
+from moleflow.config import apply_overrides, preset
+from moleflow.score_fusion import ScoreFusion
+from moleflow.training import patch_moments
+
+
+def test_fusion_by_hand() -> None:
+    scores, distances = np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])
+    fusion = ScoreFusion.fit(0.25, scores, distances)
+    assert (fusion.score_mean, fusion.score_std) == (2.0, 1.0)  # sample std of 1, 2, 3
+    assert (fusion.distance_mean, fusion.distance_std) == (20.0, 10.0)
+    # (1 - w) (s - 2) / 1 + w (d - 20) / 10 at s = 4, d = 5: 0.75 * 2 + 0.25 * -1.5
+    assert fusion(4.0, 5.0) == pytest.approx(1.5 - 0.375)
+    mixed = fusion(scores, distances)
+    assert mixed == pytest.approx([-0.75 - 0.25, 0.25, 0.75])
+    assert mixed.mean() == pytest.approx(0.0)  # on its own normals the mix is centred
+
+
+def test_fusion_refuses_bad_weights_and_values_and_survives_constant_normals() -> None:
+    with pytest.raises(ValueError, match="global_weight"):
+        ScoreFusion.fit(1.0, np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        ScoreFusion.fit(0.5, np.array([1.0, np.nan]), np.ones(2))
+    with pytest.raises(ValueError, match="as many"):
+        ScoreFusion.fit(0.5, np.ones(3), np.ones(2))
+    flat = ScoreFusion.fit(0.5, np.full(4, 7.0), np.array([1.0, 2.0, 3.0, 4.0]))
+    assert flat.score_std > 0 and np.isfinite(flat(8.0, 2.0))
+    with pytest.raises(ValueError):  # the config refuses it before any calibration
+        apply_overrides(preset("offline"), ["scoring.global_weight=1"])
+
+
+def _calibration(weight: float, seed: int = 0) -> Calibration:
+    rng = np.random.default_rng(seed)
+    return Calibration.fit(
+        method="holdout",
+        scoring={"global_weight": weight},
+        scores=rng.normal(50.0, 5.0, 40),
+        distances=rng.lognormal(5.0, 0.3, 40),
+        pixels=rng.normal(0.0, 1.0, (40, 8, 8)),
+        image_fpr=0.1,
+        pixel_fpr=0.01,
+        unknown_fpr=0.01,
+        unknown_margin=10.0,
+        global_weight=weight,
+    )
+
+
+def test_calibration_thresholds_the_mixed_scores_and_keeps_the_flows() -> None:
+    cal, plain = _calibration(0.4), _calibration(0.0)
+    mixed = cal.fusion(np.array(cal.scores), np.array(cal.distances))
+    assert cal.scores == plain.scores  # the stored values are the flow's own
+    assert cal.image_threshold == threshold_at_fpr(mixed, 0.1).value
+    assert cal.image_center == float(np.median(mixed))
+    assert cal.expected_fpr() == pytest.approx(np.mean(mixed > cal.image_threshold))
+    assert cal.image_scores(cal.scores[:3], cal.distances[:3]) == pytest.approx(mixed[:3])
+    rerated = cal.with_rates(image_fpr=0.2)
+    assert rerated.image_threshold == threshold_at_fpr(mixed, 0.2).value and rerated.fusion == cal.fusion
+    # without a weight nothing is mixed and the threshold is on the flow's scores, as before
+    assert plain.fusion is None and plain.image_scores(plain.scores, plain.distances).tolist() == plain.scores
+    assert plain.image_threshold == threshold_at_fpr(plain.scores, 0.1).value
+    # the unknown-product threshold does not depend on the mix
+    assert cal.unknown_threshold == plain.unknown_threshold
+
+
+def test_calibration_json_round_trip_and_older_records() -> None:
+    cal = _calibration(0.3)
+    data = cal.to_json()
+    assert isinstance(data["fusion"], dict)
+    assert Calibration.from_json(data) == cal
+    older = {k: v for k, v in _calibration(0.0).to_json().items() if k != "fusion"}  # a record of before
+    assert Calibration.from_json(older).fusion is None
+
+
+def test_patch_moments_are_the_per_channel_mean_and_sample_std() -> None:
+    patches = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    flat = patches.reshape(3, 20, 6).numpy()
+    got = patch_moments(patches).numpy()
+    assert got.shape == (3, 12)
+    np.testing.assert_allclose(got[:, :6], flat.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(got[:, 6:], flat.std(axis=1, ddof=1), rtol=1e-12)
+    low = patch_moments(patches.to(torch.bfloat16))
+    assert low.dtype == torch.float32  # a bf16 variance would lose the small channels
+
+
+# ----------------------------------------------------------------------------- a run that mixes
+
+
+@pytest.fixture(scope="module")
+def mixing_run(tmp_path_factory):
+    from moleflow.cli import main
+    from tests.helpers import learn_args
+
+    run = tmp_path_factory.mktemp("mixing") / "run"
+    extra = ("--set", "router.feature=patch_moments", "--set", "scoring.global_weight=0.5")
+    assert main(learn_args(run, "stripes=synthetic:stripes", "disc=synthetic:disc", extra=extra)) == 0
+    return run
+
+
+def test_a_mixing_run_scores_images_on_the_calibrated_mix(mixing_run) -> None:
+    from moleflow.detector import Detector
+
+    det = Detector.load(mixing_run)
+    for t, name in enumerate(det.products):
+        cal = det.records[name].calibration
+        assert cal.fusion is not None and cal.fusion.weight == 0.5
+        samples, _ = det._held_out(det.records[name])
+        feats = det.features(samples)
+        index = torch.full((len(feats),), t, dtype=torch.long)
+        flow, mixed = det._score_flow(feats, index), det.score(feats, index)
+        assert flow.image_scores.numpy() == pytest.approx(np.array(cal.scores), rel=1e-5)
+        assert flow.distances.numpy() == pytest.approx(np.array(cal.distances), rel=1e-6)
+        expected = cal.image_scores(flow.image_scores.numpy(), flow.distances.numpy())
+        assert mixed.image_scores.numpy() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        assert abs(float(mixed.image_scores.double().mean())) < 1e-4  # centred on its calibration normals
+        assert torch.equal(mixed.patch_scores, flow.patch_scores)  # the maps are the flow's
+        assert det.router.means.shape[1] == 2 * det.cfg.model.backbone.embed_dim  # mean and spread
+
+
+def test_predictions_of_a_mixing_run_judge_the_mix(mixing_run) -> None:
+    from moleflow.detector import Detector
+    from moleflow.sources import resolve_source
+
+    det = Detector.load(mixing_run)
+    task = resolve_source("disc", "synthetic:disc", None, [20, 10], None).task
+    images = [s.load_image() for s in task.test]
+    preds = det.predict(images)
+    scored = det.score(det.features(list(task.test)))
+    for pred, score in zip(preds, scored.image_scores.tolist(), strict=True):
+        cal = det.records[pred.product].calibration
+        assert pred.score == pytest.approx(score, rel=1e-4, abs=1e-4)
+        assert pred.verdict != "anomalous" or pred.score > cal.image_threshold or pred.unknown
+
+
+def test_a_changed_weight_without_recalibration_is_refused(mixing_run) -> None:
+    from moleflow.config import replace
+    from moleflow.detector import Detector, DetectorError
+
+    det = Detector.load(mixing_run, check_calibration=False)
+    det.cfg = replace(det.cfg, scoring=replace(det.cfg.scoring, global_weight=0.3))
+    samples, _ = det._held_out(det.records["disc"])
+    with pytest.raises(DetectorError, match="recalibrate"):
+        det.score(det.features(samples), torch.zeros(len(samples), dtype=torch.long))
+    det.calibrate("disc", commit=False)
+    assert math.isclose(det.records["disc"].calibration.fusion.weight, 0.3)
+
+
+def test_the_onnx_runtime_mixes_as_torch_does(mixing_run, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from moleflow.cli import main
+    from moleflow.data.synthetic import render_sample
+    from moleflow.deploy.runtime import OnnxDetector
+    from moleflow.detector import Detector
+
+    out = tmp_path / "onnx"
+    assert main(["export", str(mixing_run), "--format", "onnx", "--out", str(out), "--no-progress"]) == 0
+    images = [render_sample(k, "test", 300 + i, defective=d)[0] for k in ("stripes", "disc") for i in range(2) for d in (0, 1)]
+    torch_preds, onnx_preds = Detector.load(mixing_run).predict(images), OnnxDetector.load(out).predict(images)
+    assert [p.product for p in onnx_preds] == [p.product for p in torch_preds]
+    assert [p.verdict for p in onnx_preds] == [p.verdict for p in torch_preds]
+    flow_scale = max(abs(p.score) for p in torch_preds)
+    for t, o in zip(torch_preds, onnx_preds, strict=True):
+        assert abs(t.score - o.score) <= 1e-4 * flow_scale + 1e-5
+        assert o.routing_distance == pytest.approx(t.routing_distance, rel=1e-4)
