@@ -189,6 +189,7 @@ def global_probe(args: argparse.Namespace) -> None:
             rows[name] = _metrics(dist, None, eval_set, size)
             for w in args.weights:
                 rows[f"{name}_w{w:g}"] = _metrics((1 - w) * flow_img + w * dist, None, eval_set, size)
+            rows[f"{name}_max"] = _metrics(torch.maximum(flow_img, dist), None, eval_set, size)
         results[task.name] = rows
         print(task.name, json.dumps(rows), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -122,3 +122,30 @@ def test_the_pooled_default_survives_the_run_directory_and_routes_as_computed_by
     own = torch.einsum("btg,tgh,bth->bt", diff, precisions, diff)[torch.arange(len(x)), route]
     assert [p.product for p in preds] == [router.tasks[int(t)] for t in route]
     np.testing.assert_allclose([p.routing_distance for p in preds], own.numpy(), rtol=1e-5)
+
+
+def test_the_pooled_covariance_after_products_come_and_go_is_that_of_a_router_built_fresh():
+    g = torch.Generator().manual_seed(1)
+    protos = {}
+    for t in range(6):
+        a = torch.randn(4, 4, generator=g, dtype=F64)
+        protos[f"t{t}"] = (torch.randn(4, generator=g, dtype=F64), torch.linalg.inv(a @ a.T + 0.3 * torch.eye(4, dtype=F64)))
+    router = Router(RouterConfig(covariance="pooled"))
+    for name in ("t0", "t1", "t2"):
+        router.add(name, *protos[name])
+    router.pooled()  # summed
+    router.remove("t1")
+    router.add("t3", *protos["t3"])
+    router.pooled()
+    router.remove("t0")
+    router.add("t4", *protos["t4"])  # not yet summed when t2 goes
+    router.remove("t2")
+    fresh = Router(RouterConfig(covariance="pooled"))
+    for name in router.tasks:
+        fresh.add(name, *protos[name])
+    assert router.tasks == ["t3", "t4"]
+    torch.testing.assert_close(router.pooled()[0], fresh.pooled()[0], rtol=1e-12, atol=1e-12)
+    for name in list(router.tasks):
+        router.remove(name)
+    router.add("t5", *protos["t5"])  # an emptied router starts its sum again
+    torch.testing.assert_close(router.pooled()[0], torch.linalg.cholesky(torch.linalg.inv(protos["t5"][1])))

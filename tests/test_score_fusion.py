@@ -163,7 +163,8 @@ def test_the_onnx_runtime_mixes_as_torch_does(mixing_run, tmp_path) -> None:
 
     out = tmp_path / "onnx"
     assert main(["export", str(mixing_run), "--format", "onnx", "--out", str(out), "--no-progress"]) == 0
-    images = [render_sample(k, "test", 300 + i, defective=d)[0] for k in ("stripes", "disc") for i in range(2) for d in (0, 1)]
+    kinds = [(k, i, d) for k in ("stripes", "disc") for i in range(2) for d in (False, True)]
+    images = [render_sample(k, "test", 300 + i, defective=d)[0] for k, i, d in kinds]
     torch_preds, onnx_preds = Detector.load(mixing_run).predict(images), OnnxDetector.load(out).predict(images)
     assert [p.product for p in onnx_preds] == [p.product for p in torch_preds]
     assert [p.verdict for p in onnx_preds] == [p.verdict for p in torch_preds]

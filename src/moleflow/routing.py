@@ -107,7 +107,10 @@ class Router:
     _index: MahalanobisIndex | None = field(default=None, init=False, repr=False)  # rebuilt on change
     _factors: dict[str, TaskFactors] = field(default_factory=dict, init=False, repr=False)  # per task, once
     _log_dets: torch.Tensor | None = field(default=None, init=False, repr=False)  # patch_gaussian, rebuilt on change
-    _covariances: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # pooled, per task
+    # pooled: the sum of the covariances of the tasks in _summed (one (G, G) matrix, not one per task: at 1,000
+    # tasks of G = 336 a per-task copy would double the router's memory)
+    _covariance_sum: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _summed: set[str] = field(default_factory=set, init=False, repr=False)
     _pooled: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)  # rebuilt on change
 
     def add(self, task: str, mean: torch.Tensor, precision: torch.Tensor) -> None:
@@ -134,13 +137,17 @@ class Router:
             raise KeyError(f"the router has no prototype for {task!r}; it has {self.tasks}")
         i = self.tasks.index(task)
         keep = [j for j in range(len(self.tasks)) if j != i]
+        precision = self.precisions[i]
         self.means, self.precisions = self.means[keep], self.precisions[keep]
         name = self.tasks.pop(i)
         self._factors.pop(name, None)
-        self._covariances.pop(name, None)
+        if name in self._summed:  # inverted once more, instead of keeping every task's covariance
+            self._covariance_sum = self._covariance_sum - _covariance(precision)
+            self._summed.discard(name)
         self._index = self._log_dets = self._pooled = None
         if not self.tasks:
             self.means = self.precisions = None
+            self._covariance_sum, self._summed = None, set()
 
     def prototype(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean (G,), precision (G, G))`` of ``task``."""
@@ -154,9 +161,11 @@ class Router:
             raise RuntimeError("the router has no tasks yet")
         if self._pooled is None:
             for task, precision in zip(self.tasks, self.precisions, strict=True):
-                if task not in self._covariances:  # inverted once per task
-                    self._covariances[task] = torch.cholesky_inverse(torch.linalg.cholesky(precision))
-            cov = torch.stack([self._covariances[t] for t in self.tasks]).mean(dim=0)
+                if task not in self._summed:  # inverted once per task
+                    cov = _covariance(precision)
+                    self._covariance_sum = cov if self._covariance_sum is None else self._covariance_sum + cov
+                    self._summed.add(task)
+            cov = self._covariance_sum / len(self.tasks)
             chol = torch.linalg.cholesky(0.5 * (cov + cov.T))
             self._pooled = chol, torch.linalg.solve_triangular(chol, self.means.T, upper=False).T
         return self._pooled
@@ -235,15 +244,21 @@ class Router:
             raise RuntimeError("the router has no tasks yet")
         x = features.detach().to(device=self.means.device, dtype=torch.float64)
         idx = task_index.to(self.means.device)
-        precision = self.precisions[idx]  # (B, G, G)
         if self.cfg.feature == "patch_gaussian":
+            precision = self.precisions[idx]  # (B, G, G)
             xbar, scatter = _patch_moments(x)
             diff = xbar - self.means[idx]
             return (scatter * precision).sum(dim=(1, 2)) + torch.einsum("bg,bgh,bh->b", diff, precision, diff)
         diff = x - self.means[idx]
         if self.cfg.metric == "euclidean":
             return diff.pow(2).sum(dim=-1)
-        return torch.einsum("bg,bgh,bh->b", diff, precision, diff)
+        # per routed task, not one (G, G) gathered per image: a batch mostly holds few products
+        out = diff.new_empty(diff.shape[0])
+        for t in torch.unique(idx).tolist():
+            rows = (idx == t).nonzero().squeeze(1)
+            d = diff[rows]
+            out[rows] = ((d @ self.precisions[t]) * d).sum(dim=-1)
+        return out
 
     def nearest(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index (B,) long, squared distance (B,) float64)`` of the nearest prototype per image."""
@@ -255,6 +270,11 @@ class Router:
         if not self.tasks:
             return {"means": torch.zeros(0, 0, dtype=torch.float64), "precisions": torch.zeros(0, 0, 0, dtype=torch.float64)}
         return {"means": self.means, "precisions": self.precisions}
+
+
+def _covariance(precision: torch.Tensor) -> torch.Tensor:
+    """The covariance ``(G, G)`` of an SPD ``precision``, by its Cholesky factor."""
+    return torch.cholesky_inverse(torch.linalg.cholesky(precision))
 
 
 def _patch_moments(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
