@@ -38,6 +38,7 @@ def build(run_dir: Path, products: int, config: str = "offline", seed: int = 0) 
     from moleflow.detector import Detector
     from moleflow.perf.sections import synthetic_router
     from moleflow.rundir import RunDirectory, RunIndex, TaskRecord
+    from moleflow.training import router_dim
 
     start = time.perf_counter()
     cfg = load_config(config)
@@ -45,8 +46,8 @@ def build(run_dir: Path, products: int, config: str = "offline", seed: int = 0) 
     model, router, run = detector.model, detector.router, RunDirectory(run_dir)
     base_id, gen, rng = new_id(), torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     settings = detector.scoring_settings()
-    dim = cfg.model.backbone.embed_dim
-    shaped, _ = synthetic_router(cfg, dim, products, torch.device("cpu"), seed=seed)  # prototypes like real ones
+    # prototypes like real ones
+    shaped, _ = synthetic_router(cfg, router_dim(cfg, 0), products, torch.device("cpu"), seed=seed)
     records = []
     for i in range(products):
         name = f"p{i:04d}"
@@ -66,6 +67,7 @@ def build(run_dir: Path, products: int, config: str = "offline", seed: int = 0) 
             pixel_fpr=0.01,
             unknown_fpr=0.01,
             unknown_margin=10.0,
+            global_weight=cfg.scoring.global_weight,
         )
         record = TaskRecord(name, "synthetic (random parts)", "2026-01-01T00:00:00+00:00", 80, i, cal, new_id())
         save_task(model, router, cfg, name, task_file(run.checkpoints, name), base_id, record.parts_id)
@@ -103,8 +105,12 @@ def measure_one(run_dir: Path, lazy: bool) -> dict:
     after = _rss_mb()
     dim, grid = detector.cfg.model.backbone.embed_dim, 14
     mean = detector.router.means[len(detector) // 2].float()  # an image of a product in the middle of the run
-    noise = 0.5 * torch.randn(1, grid, grid, dim, generator=torch.Generator().manual_seed(0))
-    patches = mean - detector.model.positional(grid, grid, noise) + noise  # routing feature ~ that product's mean
+    noise = torch.randn(1, grid, grid, dim, generator=torch.Generator().manual_seed(0))
+    if detector.cfg.router.feature == "patch_moments":  # patches whose channel means and spreads are the prototype's
+        noise = (noise - noise.mean(dim=(1, 2), keepdim=True)) / noise.flatten(1, 2).std(dim=1)[:, None, None]
+        patches = mean[:dim] + mean[dim:].abs() * noise
+    else:  # routing feature ~ that product's mean
+        patches = mean - detector.model.positional(grid, grid, noise) + 0.5 * noise
     feats = CachedFeatures(patches, None, patches.mean(dim=(1, 2)))
     start = time.perf_counter()
     scored = detector.score(feats)  # first routed image: the router index is built, the product read if lazy

@@ -26,8 +26,8 @@ that run uses ``model.backbone.grid=finest``.
 products are evaluated again under its config plus ``--set`` overrides of the ``scoring`` and ``router``
 sections (routing uses the stored prototypes), e.g. to measure the smoothing sigma or top-k without
 retraining. Only threshold-free metrics stay comparable: the thresholds were calibrated under the old scoring,
-except with ``scoring.global_weight`` changed, which needs each product's calibration: then every product is
-recalibrated on its held-out normals first (in the copy).
+except with ``scoring.global_weight`` changed, which needs each product's calibration: then (or with
+``--recalibrate``) every product is recalibrated on its held-out normals first (in the copy).
 
 Writes ``results.json`` (the continual run), ``patchcore.json``, ``summary.json`` and ``summary.md``.
 """
@@ -261,6 +261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-patchcore", action="store_true")
     p.add_argument("--coreset", type=float, default=PATCHCORE_CORESET)
     p.add_argument("--rescore", default=None, help="RUN_DIR of an earlier sweep run: evaluate its models again")
+    p.add_argument(
+        "--recalibrate", action="store_true", help="--rescore: recalibrate every product on its held-out normals first"
+    )
     args = p.parse_args(argv)
     args.command = "python benchmarks/quality_sweep.py " + " ".join(argv) if argv else ""
     return args
@@ -279,7 +282,7 @@ def rescore(args, out: Path):
     if to_dict(cfg.model) != to_dict(run_cfg.model) or to_dict(cfg.train) != to_dict(run_cfg.train):
         raise SystemExit(f"--rescore {run}: only scoring.* and router.* may be overridden (the models are not retrained)")
     exp.detector.cfg, exp.router.cfg = cfg, cfg.router  # in memory only: the copy's config.yaml stays the run's
-    if cfg.scoring.global_weight != run_cfg.scoring.global_weight:  # the mix is fitted on calibration normals
+    if args.recalibrate or cfg.scoring.global_weight != run_cfg.scoring.global_weight:  # the mix needs it
         for name in exp.detector.products:
             exp.detector.calibrate(name, commit=False)
     exp.session.evaluate()

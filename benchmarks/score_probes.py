@@ -166,8 +166,8 @@ def global_probe(args: argparse.Namespace) -> None:
         eval_set = exp.prepare_eval_set(task)
         fit_feats, held_feats = exp.extract(list(fit), "fit normals"), exp.extract(list(held), "held-out normals")
 
-        def scored(feats, index=index):
-            return detector.score(feats, torch.full((len(feats),), index, dtype=torch.long))
+        def scored(feats, index=index):  # the flow's own image score, also in a run that mixes
+            return detector.score_flow(feats, torch.full((len(feats),), index, dtype=torch.long))
 
         test, normals = scored(eval_set.features), scored(held_feats)
 
@@ -176,7 +176,11 @@ def global_probe(args: argparse.Namespace) -> None:
             return (s - normals.mean()) / normals.std()
 
         flow_img = standard(test.image_scores, normals.image_scores)
-        features = {"proto": standard(test.distances, normals.distances)}
+        features = {
+            "proto": standard(test.distances, normals.distances),
+            "proto_log": standard(test.distances.log(), normals.distances.log()),
+            "proto_sqrt": standard(test.distances.sqrt(), normals.distances.sqrt()),
+        }
         for name, describe in GLOBAL_FEATURES.items():
             gaussian = OAS().fit(describe(fit_feats.patches))
             dist_test = torch.from_numpy(gaussian.mahalanobis(describe(eval_set.features.patches)))

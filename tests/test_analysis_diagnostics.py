@@ -114,7 +114,8 @@ def test_closed_form_counts_equal_the_model_parameters_exactly(name, extra):
 def test_measured_growth_follows_the_formula(tmp_path):
     cfg = tiny_config("offline")
     measured = measure_growth(cfg, 4, tmp_path)
-    form, g = closed_form_counts(cfg.model), cfg.model.backbone.embed_dim
+    form, g = closed_form_counts(cfg.model), measured["router_dim"]
+    assert g == 2 * cfg.model.backbone.embed_dim  # offline routes on the patches' channel means and spreads
     rows = measured["rows"]
     assert [r["tasks"] for r in rows] == [1, 2, 3, 4]
     for r in rows:

@@ -199,16 +199,20 @@ def test_a_run_config_that_predates_backbone_keys_reads_their_legacy_values(tmp_
     old = to_dict(preset("offline"))
     for key in LEGACY_BACKBONE:
         del old["model"]["backbone"][key]  # as a run written before these keys existed
+    del old["scoring"]["global_weight"]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(old))
     newer = preset("offline")
     newer = replace(
         newer, model=replace(newer.model, backbone=replace(newer.model.backbone, grid="finest", precision="bf16"))
     )
+    assert newer.scoring.global_weight > 0  # today's default mixes the routing distance into the image score
     monkeypatch.setitem(config_module.PRESETS, "offline", lambda: newer)  # a later default for those keys
     run_cfg = load_run_config(path)
     assert {k: getattr(run_cfg.model.backbone, k) for k in LEGACY_BACKBONE} == LEGACY_BACKBONE
+    assert run_cfg.scoring.global_weight == 0.0  # its thresholds were set on the flow's score alone
     assert load_config(path).model.backbone.grid == "finest"  # a user's config file takes the preset's defaults
+    assert load_config(path).scoring.global_weight == newer.scoring.global_weight
 
 
 def test_offline_fine_is_offline_on_the_stride_8_grid_with_four_values_changed():

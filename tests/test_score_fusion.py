@@ -15,15 +15,17 @@ from moleflow.training import patch_moments
 
 
 def test_fusion_by_hand() -> None:
-    scores, distances = np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])
+    e = math.e
+    scores, distances = np.array([1.0, 2.0, 3.0]), np.array([e, e**3, e**2])  # log distances 1, 3, 2
     fusion = ScoreFusion.fit(0.25, scores, distances)
     assert (fusion.score_mean, fusion.score_std) == (2.0, 1.0)  # sample std of 1, 2, 3
-    assert (fusion.distance_mean, fusion.distance_std) == (20.0, 10.0)
-    # (1 - w) (s - 2) / 1 + w (d - 20) / 10 at s = 4, d = 5: 0.75 * 2 + 0.25 * -1.5
-    assert fusion(4.0, 5.0) == pytest.approx(1.5 - 0.375)
+    assert fusion.log_distance_mean == pytest.approx(2.0) and fusion.log_distance_std == pytest.approx(1.0)
+    # (1 - w) (s - 2) / 1 + w (log d - 2) / 1 at s = 4, d = e^0.5: 0.75 * 2 + 0.25 * -1.5
+    assert fusion(4.0, math.exp(0.5)) == pytest.approx(1.5 - 0.375)
     mixed = fusion(scores, distances)
     assert mixed == pytest.approx([-0.75 - 0.25, 0.25, 0.75])
     assert mixed.mean() == pytest.approx(0.0)  # on its own normals the mix is centred
+    assert np.isfinite(fusion(0.0, 0.0))  # a distance of 0 (the prototype itself) is floored, not log(0)
 
 
 def test_fusion_refuses_bad_weights_and_values_and_survives_constant_normals() -> None:
@@ -31,6 +33,8 @@ def test_fusion_refuses_bad_weights_and_values_and_survives_constant_normals() -
         ScoreFusion.fit(1.0, np.ones(3), np.ones(3))
     with pytest.raises(ValueError, match="NaN"):
         ScoreFusion.fit(0.5, np.array([1.0, np.nan]), np.ones(2))
+    with pytest.raises(ValueError, match="negative"):
+        ScoreFusion.fit(0.5, np.ones(2), np.array([1.0, -1.0]))
     with pytest.raises(ValueError, match="as many"):
         ScoreFusion.fit(0.5, np.ones(3), np.ones(2))
     flat = ScoreFusion.fit(0.5, np.full(4, 7.0), np.array([1.0, 2.0, 3.0, 4.0]))
@@ -116,7 +120,7 @@ def test_a_mixing_run_scores_images_on_the_calibrated_mix(mixing_run) -> None:
         samples, _ = det._held_out(det.records[name])
         feats = det.features(samples)
         index = torch.full((len(feats),), t, dtype=torch.long)
-        flow, mixed = det._score_flow(feats, index), det.score(feats, index)
+        flow, mixed = det.score_flow(feats, index), det.score(feats, index)
         assert flow.image_scores.numpy() == pytest.approx(np.array(cal.scores), rel=1e-5)
         assert flow.distances.numpy() == pytest.approx(np.array(cal.distances), rel=1e-6)
         expected = cal.image_scores(flow.image_scores.numpy(), flow.distances.numpy())
@@ -172,3 +176,12 @@ def test_the_onnx_runtime_mixes_as_torch_does(mixing_run, tmp_path) -> None:
     for t, o in zip(torch_preds, onnx_preds, strict=True):
         assert abs(t.score - o.score) <= 1e-4 * flow_scale + 1e-5
         assert o.routing_distance == pytest.approx(t.routing_distance, rel=1e-4)
+
+
+def test_a_calibration_record_with_an_unknown_fusion_is_a_clear_error() -> None:
+    from moleflow.calibration import CalibrationError
+
+    data = _calibration(0.3).to_json()
+    data["fusion"] = {"weight": 0.3, "score_mean": 1.0, "score_std": 1.0, "distance_mean": 2.0, "distance_std": 1.0}
+    with pytest.raises(CalibrationError, match="does not match this moleflow version"):
+        Calibration.from_json(data)

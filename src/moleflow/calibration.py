@@ -243,9 +243,9 @@ class Calibration:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Calibration:
         data = dict(data)
-        if data.get("fusion") is not None:
-            data["fusion"] = ScoreFusion.from_json(data["fusion"])
         try:
+            if data.get("fusion") is not None:
+                data["fusion"] = ScoreFusion.from_json(data["fusion"])
             return cls(**data)
         except TypeError as e:
             raise CalibrationError(f"calibration record does not match this moleflow version: {e}") from e

@@ -437,7 +437,7 @@ class Detector(ProductRecords):
 
         ccfg = self.cfg.calibration
         index = torch.full((len(feats),), self.router.tasks.index(name), dtype=torch.long)
-        scored = self._score_flow(feats, index)  # the flow's own image scores: the mix is fitted on them
+        scored = self.score_flow(feats, index)  # the flow's own image scores: the mix is fitted on them
         size = self.cfg.model.backbone.image_size
         maps = anomaly_maps(scored.patch_scores, (size, size), self.cfg.scoring.smoothing_sigma).numpy()
         return Calibration.fit(
@@ -528,7 +528,7 @@ class Detector(ProductRecords):
         """Score cached features in batches (routed when ``task_index`` is None); CPU results. The image
         scores are those each product's threshold applies to: the flow's, or mixed with the routing distance
         under the product's calibration (``scoring.global_weight``, :mod:`moleflow.score_fusion`)."""
-        scored = self._score_flow(feats, task_index)
+        scored = self.score_flow(feats, task_index)
         if self.cfg.scoring.global_weight == 0:
             return scored
         mixed = scored.image_scores.clone()
@@ -545,7 +545,7 @@ class Detector(ProductRecords):
             mixed[rows] = torch.from_numpy(values).to(mixed.dtype)
         return dataclasses.replace(scored, image_scores=mixed)
 
-    def _score_flow(self, feats: CachedFeatures, task_index: torch.Tensor | None = None) -> ScoredBatch:
+    def score_flow(self, feats: CachedFeatures, task_index: torch.Tensor | None = None) -> ScoredBatch:
         """:meth:`score` with the flow's own image scores (what calibration mixes with the distances)."""
         if not self.router.tasks:
             raise DetectorError("this model has no products yet; learn one first")
