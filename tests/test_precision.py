@@ -9,7 +9,7 @@ from moleflow import precision
 from moleflow.config import ConfigError, ScoringConfig, apply_overrides, preset
 from moleflow.inference import score_features
 from moleflow.routing import Router
-from moleflow.training import ContinualTrainer
+from moleflow.training import ContinualTrainer, routing_features
 from tests.helpers import build_perturbed_model, task_features
 
 # bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3) in the subnets' inputs and weights; the
@@ -70,7 +70,8 @@ def test_score_features_follows_scoring_precision_and_fp32_is_the_default():
     model = _tiny()
     feats = task_features(0.0, n=3, seed=6, dim=16)
     router = Router(preset("offline").router)
-    router.add("t0", feats.patches.mean(dim=(0, 1, 2)).double(), torch.eye(16, dtype=torch.float64))
+    route_in = routing_features(model, feats, router.cfg.feature)  # (3, G)
+    router.add("t0", route_in.mean(dim=0).double(), torch.eye(route_in.shape[1], dtype=torch.float64))
     assert ScoringConfig().precision == "fp32" and preset("v5").train.precision == "fp32"
     with torch.inference_mode():
         default = score_features(model, router, feats, ScoringConfig())

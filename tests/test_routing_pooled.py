@@ -112,7 +112,12 @@ def test_the_pooled_default_survives_the_run_directory_and_routes_as_computed_by
     images = [render_sample(kind, "test", 300 + i, defective=i == 1)[0] for kind in ("stripes", "disc") for i in range(3)]
     preds = detector.predict(images)
     feats = detector.extractor.extract(images)  # what predict routes on
-    x = routing_features(detector.model, feats, "patch_mean").double().cpu()
+    assert detector.cfg.router.feature == "patch_moments"  # each channel's mean and spread over the grid
+    grid = feats.patches.double().cpu().flatten(1, 2).numpy()
+    x = torch.from_numpy(np.concatenate([grid.mean(axis=1), grid.std(axis=1, ddof=1)], axis=1))
+    torch.testing.assert_close(
+        routing_features(detector.model, feats, "patch_moments").double().cpu(), x, rtol=1e-5, atol=1e-5
+    )
     means, precisions = router.means.cpu(), router.precisions.cpu()
     # numpy's own LAPACK, as an independent reference (and torch's batched LU, nested in its thread pool, has
     # been seen to spin for minutes on a loaded 2-core machine)

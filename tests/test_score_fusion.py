@@ -99,15 +99,14 @@ def test_patch_moments_are_the_per_channel_mean_and_sample_std() -> None:
 # ----------------------------------------------------------------------------- a run that mixes
 
 
-@pytest.fixture(scope="module")
-def mixing_run(tmp_path_factory):
-    from moleflow.cli import main
-    from tests.helpers import learn_args
+@pytest.fixture
+def mixing_run(tiny_run):
+    """The shared tiny run: the default preset mixes (its ONNX parity is in tests/test_onnx_export.py)."""
+    from moleflow.config import load_run_config
 
-    run = tmp_path_factory.mktemp("mixing") / "run"
-    extra = ("--set", "router.feature=patch_moments", "--set", "scoring.global_weight=0.5")
-    assert main(learn_args(run, "stripes=synthetic:stripes", "disc=synthetic:disc", extra=extra)) == 0
-    return run
+    cfg = load_run_config(tiny_run / "config.yaml")
+    assert cfg.router.feature == "patch_moments" and cfg.scoring.global_weight == 0.5
+    return tiny_run
 
 
 def test_a_mixing_run_scores_images_on_the_calibrated_mix(mixing_run) -> None:
@@ -156,26 +155,6 @@ def test_a_changed_weight_without_recalibration_is_refused(mixing_run) -> None:
         det.score(det.features(samples), torch.zeros(len(samples), dtype=torch.long))
     det.calibrate("disc", commit=False)
     assert math.isclose(det.records["disc"].calibration.fusion.weight, 0.3)
-
-
-def test_the_onnx_runtime_mixes_as_torch_does(mixing_run, tmp_path) -> None:
-    pytest.importorskip("onnxruntime")
-    from moleflow.cli import main
-    from moleflow.data.synthetic import render_sample
-    from moleflow.deploy.runtime import OnnxDetector
-    from moleflow.detector import Detector
-
-    out = tmp_path / "onnx"
-    assert main(["export", str(mixing_run), "--format", "onnx", "--out", str(out), "--no-progress"]) == 0
-    kinds = [(k, i, d) for k in ("stripes", "disc") for i in range(2) for d in (False, True)]
-    images = [render_sample(k, "test", 300 + i, defective=d)[0] for k, i, d in kinds]
-    torch_preds, onnx_preds = Detector.load(mixing_run).predict(images), OnnxDetector.load(out).predict(images)
-    assert [p.product for p in onnx_preds] == [p.product for p in torch_preds]
-    assert [p.verdict for p in onnx_preds] == [p.verdict for p in torch_preds]
-    flow_scale = max(abs(p.score) for p in torch_preds)
-    for t, o in zip(torch_preds, onnx_preds, strict=True):
-        assert abs(t.score - o.score) <= 1e-4 * flow_scale + 1e-5
-        assert o.routing_distance == pytest.approx(t.routing_distance, rel=1e-4)
 
 
 def test_a_calibration_record_with_an_unknown_fusion_is_a_clear_error() -> None:
