@@ -1,5 +1,5 @@
 """ONNX export and the onnxruntime detector: valid graphs with LoRA merged, a manifest holding the thresholds,
-predictions equal to torch's (routing, verdicts, scores within 1e-4 relative, maps), incremental re-export,
+predictions equal to torch's (routing, verdicts, scores within 1e-4 of their scale, maps), incremental re-export,
 and predicting an export with neither torch nor timm imported."""
 
 from __future__ import annotations
