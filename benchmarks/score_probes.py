@@ -20,8 +20,10 @@ Gaussian distance (Rippel et al. 2020), each standardised by its mean and spread
 normals, ``w`` on the distance. Two global features: ``proto``, the router's own squared Mahalanobis
 distance to the product's prototype (what ``ScoredBatch.distances`` holds, free at inference), and
 ``meanstd``, the per-channel mean and standard deviation of the image's patches (2 D numbers) under a
-Gaussian fitted (OAS shrinkage) on the fit share of the product's training normals. Task id given.
-Writes ``DIR/global.json``.
+Gaussian fitted (OAS shrinkage) on the fit share of the product's training normals (and ``meanmax``,
+mean and maximum), each also by its log (``proto_log``) or square root; ``_max`` rows take the larger of
+the two standardised scores instead of their mix. The flow's score is its own (``Detector.score_flow``),
+also in a run that mixes. Task id given. Writes ``DIR/global.json``.
 """
 
 from __future__ import annotations
@@ -133,9 +135,11 @@ def memory_bank_probe(args: argparse.Namespace) -> None:
 
 
 def _mean_std(patches: torch.Tensor) -> np.ndarray:
-    """``(N, H, W, D)`` -> ``(N, 2 D)`` float64: per-channel mean and standard deviation over the grid."""
-    x = patches.double().flatten(1, 2)
-    return torch.cat([x.mean(dim=1), x.std(dim=1)], dim=1).numpy()
+    """``(N, H, W, D)`` -> ``(N, 2 D)`` float64: per-channel mean and standard deviation over the grid (the
+    ``patch_moments`` routing feature)."""
+    from moleflow.training import patch_moments
+
+    return patch_moments(patches.double()).numpy()
 
 
 def _mean_max(patches: torch.Tensor) -> np.ndarray:
