@@ -21,7 +21,8 @@ normals, ``w`` on the distance. Two global features: ``proto``, the router's own
 distance to the product's prototype (what ``ScoredBatch.distances`` holds, free at inference), and
 ``meanstd``, the per-channel mean and standard deviation of the image's patches (2 D numbers) under a
 Gaussian fitted (OAS shrinkage) on the fit share of the product's training normals (and ``meanmax``,
-mean and maximum), each also by its log (``proto_log``) or square root; ``_max`` rows take the larger of
+mean and maximum); the router's distance also by its log (``proto_log``) or square root (``proto_sqrt``);
+``_max`` rows take the larger of
 the two standardised scores instead of their mix. The flow's score is its own (``Detector.score_flow``),
 also in a run that mixes. Task id given. Writes ``DIR/global.json``.
 """
