@@ -33,8 +33,9 @@ import argparse
 import json
 import runpy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,25 +85,37 @@ def _metrics(image: torch.Tensor, maps: torch.Tensor | None, eval_set, size: int
     }
 
 
+def _open_run(args: argparse.Namespace):
+    """The benchmark run, opened without a calibration check (a probe scores on its own scale)."""
+    from moleflow.experiment import ContinualExperiment
+
+    return ContinualExperiment.open(args.run, progress=False, feature_cache=args.feature_cache, check_calibration=False)
+
+
+def _products(args: argparse.Namespace, exp) -> Iterator[tuple[Any, list, list, int]]:
+    """``(task, fit share, held-out normals, router index)`` of each product probed (``--only``: those)."""
+    from moleflow.data.spec import parse_limits, resolve_tasks
+    from moleflow.sources import holdout_split
+
+    for task in resolve_tasks(args.tasks, limits=parse_limits(args.limits)):
+        if args.only and task.name not in args.only:
+            continue
+        fit, held = holdout_split(task.train, exp.cfg.calibration.holdout)
+        yield task, list(fit), list(held), exp.detector.router.tasks.index(task.name)
+
+
 def memory_bank_probe(args: argparse.Namespace) -> None:
     from moleflow.baselines.patchcore import PatchCoreScorer, patchcore_backbone
     from moleflow.config import replace
-    from moleflow.data.spec import parse_limits, resolve_tasks
     from moleflow.experiment import ContinualExperiment
     from moleflow.scoring import aggregate
-    from moleflow.sources import holdout_split
 
-    tasks = resolve_tasks(args.tasks, limits=parse_limits(args.limits))
-    exp = ContinualExperiment.open(args.run, progress=False, feature_cache=args.feature_cache, check_calibration=False)
+    exp = _open_run(args)
     cfg, detector = exp.cfg, exp.detector
     pc_cfg = replace(cfg, model=replace(cfg.model, backbone=patchcore_backbone(cfg.model.backbone), scale_context=None))
     pc_exp = ContinualExperiment(pc_cfg, args.out / "patchcore_run", progress=False, feature_cache=args.feature_cache)
     results = {}
-    for task in tasks:
-        if args.only and task.name not in args.only:
-            continue
-        fit, held = holdout_split(task.train, cfg.calibration.holdout)
-        index = detector.router.tasks.index(task.name)
+    for task, fit, held, index in _products(args, exp):
 
         def flow(feats, index=index):  # (N, h, w) flow patch scores of the product, task id given
             return detector.score(feats, torch.full((len(feats),), index, dtype=torch.long)).patch_scores
@@ -155,21 +168,12 @@ GLOBAL_FEATURES = {"meanstd": _mean_std, "meanmax": _mean_max}
 def global_probe(args: argparse.Namespace) -> None:
     from sklearn.covariance import OAS
 
-    from moleflow.data.spec import parse_limits, resolve_tasks
-    from moleflow.experiment import ContinualExperiment
-    from moleflow.sources import holdout_split
-
-    tasks = resolve_tasks(args.tasks, limits=parse_limits(args.limits))
-    exp = ContinualExperiment.open(args.run, progress=False, feature_cache=args.feature_cache, check_calibration=False)
-    cfg, detector = exp.cfg, exp.detector
+    exp = _open_run(args)
+    detector = exp.detector
     results = {}
-    for task in tasks:
-        if args.only and task.name not in args.only:
-            continue
-        fit, held = holdout_split(task.train, cfg.calibration.holdout)
-        index = detector.router.tasks.index(task.name)
+    for task, fit, held, index in _products(args, exp):
         eval_set = exp.prepare_eval_set(task)
-        fit_feats, held_feats = exp.extract(list(fit), "fit normals"), exp.extract(list(held), "held-out normals")
+        fit_feats, held_feats = exp.extract(fit, "fit normals"), exp.extract(held, "held-out normals")
 
         def scored(feats, index=index):  # the flow's own image score, also in a run that mixes
             return detector.score_flow(feats, torch.full((len(feats),), index, dtype=torch.long))
