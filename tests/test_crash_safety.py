@@ -106,19 +106,22 @@ def test_kill_during_learn(run_copy, learned, point, where):
     _next_command_cleans_up(run_copy)
 
 
+@pytest.fixture(scope="module")
+def forget_renames(tiny_run, tmp_path_factory) -> list[str]:
+    """The rename targets of an uninterrupted ``forget disc``, in order."""
+    root = tmp_path_factory.mktemp("forget")
+    assert _run("trace", 0, ["forget", str(root / "nope"), "disc"]).returncode == 2  # a missing run: refused
+    copy = root / "traced"
+    shutil.copytree(tiny_run, copy)
+    proc = _run("trace", 0, ["forget", str(copy), "disc"])
+    assert proc.returncode == 0, proc.stderr
+    return [Path(line.split(" ", 1)[1]).name for line in proc.stderr.splitlines() if line.startswith("RENAME ")]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["tasks.json", "router.safetensors"])
-def test_kill_during_forget(run_copy, target):
-    trace = _run("trace", 0, ["forget", str(run_copy.parent / "nope"), "disc"])
-    assert trace.returncode == 2  # a missing run: nothing renamed
-    copy = run_copy.parent / "traced"
-    shutil.copytree(run_copy, copy)
-    renames = [
-        Path(line.split(" ", 1)[1]).name
-        for line in _run("trace", 0, ["forget", str(copy), "disc"]).stderr.splitlines()
-        if line.startswith("RENAME ")
-    ]
-    proc = _run("rename", _position(renames, target), ["forget", str(run_copy), "disc"])
+def test_kill_during_forget(run_copy, forget_renames, target):
+    proc = _run("rename", _position(forget_renames, target), ["forget", str(run_copy), "disc"])
     assert proc.returncode == KILLED, proc.stderr
     products = Detector.load(run_copy).products
     assert products == (["stripes"] if target == "router.safetensors" else ["stripes", "disc"])
