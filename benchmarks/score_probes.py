@@ -25,6 +25,11 @@ mean and maximum); the router's distance also by its log (``proto_log``) or squa
 ``_max`` rows take the larger of
 the two standardised scores instead of their mix. The flow's score is its own (``Detector.score_flow``),
 also in a run that mixes. Task id given. Writes ``DIR/global.json``.
+
+``position``: the maps only: each patch score standardised by the mean (``mean``) or mean and spread
+(``z``) of the flow's scores at the same grid position on the product's normals, the held-out ones
+(``held``) or the fit share (``fit``), each position's statistics shrunk towards the whole grid's with
+``k`` pseudo-images (``--weights`` gives the ``k``s). Image score: the flow's own, and, as ``image_top3``, the top-3 mean of the standardised map. Task id given. Writes ``DIR/position.json``.
 """
 
 from __future__ import annotations
@@ -209,9 +214,57 @@ def global_probe(args: argparse.Namespace) -> None:
     (args.out / "global.json").write_text(json.dumps(results, indent=1))
 
 
+def _position_statistics(normals: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``normals (N, h, w)`` patch scores -> ``(mean, std)`` each ``(h, w)``: each position's moments shrunk
+    towards the grid's with ``k`` pseudo-images of the grid's moments."""
+    x = normals.double()
+    n = len(x)
+    grid_mean, grid_var = x.mean(), x.var()
+    mean = (n * x.mean(dim=0) + k * grid_mean) / (n + k)
+    second = (n * x.pow(2).mean(dim=0) + k * (grid_var + grid_mean**2)) / (n + k)
+    return mean, (second - mean**2).clamp_min(1e-12).sqrt()
+
+
+def position_probe(args: argparse.Namespace) -> None:
+    from moleflow.scoring import aggregate
+
+    exp = _open_run(args)
+    detector = exp.detector
+    results = {}
+    for task, fit, held, index in _products(args, exp):
+        eval_set = exp.prepare_eval_set(task)
+        if eval_set.masks is None:
+            continue
+
+        def scored(feats, index=index):  # the flow's own scores (the maps do not depend on the mix)
+            return detector.score_flow(feats, torch.full((len(feats),), index, dtype=torch.long))
+
+        test = scored(eval_set.features)
+        normals = {
+            "held": scored(exp.extract(held, "held-out normals")).patch_scores,
+            "fit": scored(exp.extract(fit, "fit normals")).patch_scores,
+        }
+        size = exp.eval_size
+        rows = {"flow": _metrics(test.image_scores, test.patch_scores, eval_set, size)}
+        for share, maps in normals.items():
+            for k in args.weights:
+                mean, std = _position_statistics(maps, k)
+                for kind, standardised in (
+                    ("mean", test.patch_scores.double() - mean),
+                    ("z", (test.patch_scores.double() - mean) / std),
+                ):
+                    row = _metrics(test.image_scores, standardised.float(), eval_set, size)
+                    row["image_top3"] = _metrics(aggregate(standardised.float(), "top_k", 3), None, eval_set, size)["image_auroc"]
+                    rows[f"{kind}_{share}_k{k:g}"] = row
+        results[task.name] = rows
+        print(task.name, json.dumps(rows), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "position.json").write_text(json.dumps(results, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("probe", choices=("logdet", "memory-bank", "global"))
+    p.add_argument("probe", choices=("logdet", "memory-bank", "global", "position"))
     p.add_argument("run", type=Path, help="run directory of the six-product benchmark")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--weights", type=lambda s: [float(v) for v in s.split(",")], default=None)
@@ -225,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe == "logdet":
         args.weights = args.weights or [0.0, 0.5, 1.25, 1.5]
         logdet_probe(args)
+    elif args.probe == "position":
+        args.weights = args.weights or [0.0, 5.0, 20.0]
+        position_probe(args)
     elif args.probe == "global":
         args.weights = args.weights or [0.2, 0.35, 0.5]
         global_probe(args)
