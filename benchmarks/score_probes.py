@@ -30,6 +30,19 @@ also in a run that mixes. Task id given. Writes ``DIR/global.json``.
 (``z``) of the flow's scores at the same grid position on the product's normals, the held-out ones
 (``held``) or the fit share (``fit``), each position's statistics shrunk towards the whole grid's with
 ``k`` pseudo-images (``--weights`` gives the ``k``s). Image score: the flow's own, and, as ``image_top3``, the top-3 mean of the standardised map. Task id given. Writes ``DIR/position.json``.
+
+``levels``: the image score only, from Gaussians of whole-image statistics at every stage of the backbone
+(Rippel et al. 2020 pool every level of an EfficientNet): for each stage timm exposes of EfficientNet-Lite2
+(``blocks.0``, ``.1``, ``.2``, ``.4``, ``.6``) and its pooled head (``head``), the per-channel mean (``L<k>``) or mean and standard
+deviation (``M<k>``) over the stage's map, a Gaussian (OAS) fitted on the fit share, the log distance
+standardised on the held-out normals; sums of several stages' standardised distances; and each mixed
+half and half with the flow's standardised image score, or in thirds with the flow and the run's own
+routing distance (``3way``). Task id given. Writes ``DIR/levels.json``.
+
+``ensemble``: the flows of several runs of the same products (``--with RUN2 RUN3 ...``, e.g. other seeds)
+averaged: each run's patch and image scores alone, and their mean (``mean``) and the mean of each run's
+scores standardised on the product's held-out normals (``mean_z``). Image score: the flow's own. Task id
+given. Writes ``DIR/ensemble.json``.
 """
 
 from __future__ import annotations
@@ -262,9 +275,108 @@ def position_probe(args: argparse.Namespace) -> None:
     (args.out / "position.json").write_text(json.dumps(results, indent=1))
 
 
+LITE2_STAGES = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")  # the stages timm exposes
+
+
+def _stage_statistics(samples: list, size: int) -> dict[str, np.ndarray]:
+    """Images -> ``{"L<k>": (N, C_k) channel means, "M<k>": (N, 2 C_k) means and spreads, "head": (N, 1280)}``
+    at every stage ``blocks.<k>`` of :data:`LITE2_STAGES`, float64."""
+    from moleflow.features.backbones import create_backbone
+    from moleflow.features.extractor import image_to_tensor
+
+    backbone = create_backbone("efficientnet_lite2", LITE2_STAGES, size, True)
+    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
+    out: dict[str, list[np.ndarray]] = {}
+    with torch.inference_mode():
+        for start in range(0, len(samples), 8):
+            x = torch.stack([image_to_tensor(s.load_image(), size) for s in samples[start : start + 8]])
+            maps, pooled = backbone((x - mean) / std)
+            for stage, m in zip(LITE2_STAGES, maps, strict=True):
+                k, m = stage.split(".")[1], m.double().flatten(2)
+                out.setdefault(f"L{k}", []).append(m.mean(dim=2).numpy())
+                out.setdefault(f"M{k}", []).append(torch.cat([m.mean(dim=2), m.std(dim=2)], dim=1).numpy())
+            out.setdefault("head", []).append(pooled.double().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def levels_probe(args: argparse.Namespace) -> None:
+    from sklearn.covariance import OAS
+
+    exp = _open_run(args)
+    detector, size = exp.detector, exp.eval_size
+    results = {}
+    for task, fit, held, index in _products(args, exp):
+        eval_set = exp.prepare_eval_set(task)
+
+        def scored(feats, index=index):
+            return detector.score_flow(feats, torch.full((len(feats),), index, dtype=torch.long))
+
+        test, normals = scored(eval_set.features), scored(exp.extract(held, "held-out normals"))
+
+        def standard(s, normals) -> torch.Tensor:
+            s, normals = torch.as_tensor(s).double(), torch.as_tensor(normals).double()
+            return (s - normals.mean()) / normals.std()
+
+        flow = standard(test.image_scores, normals.image_scores)
+        proto = standard(test.distances.log(), normals.distances.log())
+        stats = {split: _stage_statistics(list(samples), size) for split, samples in
+                 (("fit", fit), ("held", held), ("test", task.test))}  # fmt: skip
+        dists = {}
+        for name in stats["fit"]:
+            gaussian = OAS().fit(stats["fit"][name])
+            dists[name] = standard(np.log(gaussian.mahalanobis(stats["test"][name])),
+                                   np.log(gaussian.mahalanobis(stats["held"][name])))  # fmt: skip
+        for label, names in (("sumL", ["L0", "L1", "L2", "L4", "L6"]), ("sumM", ["M0", "M1", "M2", "M4", "M6"]),
+                             ("sumM246", ["M2", "M4", "M6"]), ("sumM46", ["M4", "M6"]),
+                             ("sumL46h", ["L4", "L6", "head"])):  # fmt: skip
+            dists[label] = torch.stack([dists[n] for n in names]).mean(dim=0)
+        rows = {"flow": _metrics(flow, None, eval_set, size), "default": _metrics(0.5 * (flow + proto), None, eval_set, size)}
+        for name, dist in dists.items():
+            rows[name] = _metrics(dist, None, eval_set, size)
+            rows[f"{name}+flow"] = _metrics(0.5 * (flow + dist), None, eval_set, size)
+            rows[f"{name}_3way"] = _metrics((flow + proto + dist) / 3, None, eval_set, size)
+        results[task.name] = rows
+        print(task.name, json.dumps(rows), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "levels.json").write_text(json.dumps(results, indent=1))
+
+
+def ensemble_probe(args: argparse.Namespace) -> None:
+    from moleflow.scoring import aggregate
+
+    runs = [args.run, *args.with_runs]
+    exps = [_open_run(argparse.Namespace(**{**vars(args), "run": run})) for run in runs]
+    results = {}
+    for task, _fit, held, index in _products(args, exps[0]):
+        eval_set = exps[0].prepare_eval_set(task)
+        if eval_set.masks is None:
+            continue
+        held_feats = exps[0].extract(held, "held-out normals")
+        maps, standardised = [], []
+        rows = {}
+        for i, exp in enumerate(exps):
+            idx = exp.detector.router.tasks.index(task.name)
+
+            def scored(feats, exp=exp, idx=idx):
+                return exp.detector.score_flow(feats, torch.full((len(feats),), idx, dtype=torch.long)).patch_scores
+
+            test, normals = scored(eval_set.features).double(), scored(held_feats).double()
+            rows[f"run{i}"] = _metrics(aggregate(test.float(), "top_k", 3), test.float(), eval_set, exp.eval_size)
+            maps.append(test)
+            standardised.append((test - normals.mean()) / normals.std())
+        for name, parts in (("mean", maps), ("mean_z", standardised)):
+            avg = torch.stack(parts).mean(dim=0).float()
+            rows[name] = _metrics(aggregate(avg, "top_k", 3), avg, eval_set, exps[0].eval_size)
+        results[task.name] = rows
+        print(task.name, json.dumps(rows), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ensemble.json").write_text(json.dumps(results, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("probe", choices=("logdet", "memory-bank", "global", "position"))
+    p.add_argument("probe", choices=("logdet", "memory-bank", "global", "position", "ensemble", "levels"))
     p.add_argument("run", type=Path, help="run directory of the six-product benchmark")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--weights", type=lambda s: [float(v) for v in s.split(",")], default=None)
@@ -272,12 +384,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--feature-cache", type=Path, default=Path("runs/feature_cache"))
     p.add_argument("--limits", default="300,400")
     p.add_argument("--tasks", nargs="+", default=None, help="NAME=SOURCE specs (default: the six products)")
+    p.add_argument("--with", dest="with_runs", nargs="+", type=Path, default=[], help="ensemble: the other runs")
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help="memory-bank, global: these products only")
     args = p.parse_args(argv)
     args.tasks = args.tasks or six_tasks(args.shared, BENCHMARK_NAMES)
     if args.probe == "logdet":
         args.weights = args.weights or [0.0, 0.5, 1.25, 1.5]
         logdet_probe(args)
+    elif args.probe == "levels":
+        levels_probe(args)
+    elif args.probe == "ensemble":
+        ensemble_probe(args)
     elif args.probe == "position":
         args.weights = args.weights or [0.0, 5.0, 20.0]
         position_probe(args)

@@ -437,8 +437,8 @@ def _offline() -> MoleFlowConfig:
         # defective images (benchmarks/routing_study.py); on the patches' channel means and spreads, 99.6 %
         router=RouterConfig(feature="patch_moments", shrinkage="oas", covariance="pooled"),
         # the image score half the flow's, half the routing distance (each standardised on held-out normals):
-        # six products, 3 seeds, image AUROC 93.5 -> 94.3 on the mean, magnetic_tile 86.5 -> 90.4, bsd_pitting
-        # 89.9 -> 89.2 (docs/QUALITY_STUDY.md, "An image-level Gaussian beside the flow")
+        # six products, 3 seeds, image AUROC 93.5 -> 94.5 on the mean, magnetic_tile 86.5 -> 91.0, bsd_pitting
+        # 89.9 -> 89.4 (docs/QUALITY_STUDY.md, "An image-level Gaussian beside the flow")
         scoring=ScoringConfig(global_weight=0.5),
     )
 
