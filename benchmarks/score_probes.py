@@ -29,13 +29,14 @@ also in a run that mixes. Task id given. Writes ``DIR/global.json``.
 ``position``: the maps only: each patch score standardised by the mean (``mean``) or mean and spread
 (``z``) of the flow's scores at the same grid position on the product's normals, the held-out ones
 (``held``) or the fit share (``fit``), each position's statistics shrunk towards the whole grid's with
-``k`` pseudo-images (``--weights`` gives the ``k``s). Image score: the flow's own, and, as ``image_top3``, the top-3 mean of the standardised map. Task id given. Writes ``DIR/position.json``.
+``k`` pseudo-images (``--weights`` gives the ``k``s). Image score: the flow's own, and, as ``image_top3``,
+the top-3 mean of the standardised map. Task id given. Writes ``DIR/position.json``.
 
 ``levels``: the image score only, from Gaussians of whole-image statistics at every stage of the backbone
 (Rippel et al. 2020 pool every level of an EfficientNet): for each stage timm exposes of EfficientNet-Lite2
-(``blocks.0``, ``.1``, ``.2``, ``.4``, ``.6``) and its pooled head (``head``), the per-channel mean (``L<k>``) or mean and standard
-deviation (``M<k>``) over the stage's map, a Gaussian (OAS) fitted on the fit share, the log distance
-standardised on the held-out normals; sums of several stages' standardised distances; and each mixed
+(``blocks.0``, ``.1``, ``.2``, ``.4``, ``.6``) and its pooled head (``head``), the per-channel mean
+(``L<k>``) or mean and standard deviation (``M<k>``) over the stage's map, a Gaussian (OAS) fitted on the
+fit share, the log distance standardised on the held-out normals; sums of several stages' standardised distances; and each mixed
 half and half with the flow's standardised image score, or in thirds with the flow and the run's own
 routing distance (``3way``). Task id given. Writes ``DIR/levels.json``.
 
@@ -267,7 +268,8 @@ def position_probe(args: argparse.Namespace) -> None:
                     ("z", (test.patch_scores.double() - mean) / std),
                 ):
                     row = _metrics(test.image_scores, standardised.float(), eval_set, size)
-                    row["image_top3"] = _metrics(aggregate(standardised.float(), "top_k", 3), None, eval_set, size)["image_auroc"]
+                    top3 = aggregate(standardised.float(), "top_k", 3)
+                    row["image_top3"] = _metrics(top3, None, eval_set, size)["image_auroc"]
                     rows[f"{kind}_{share}_k{k:g}"] = row
         results[task.name] = rows
         print(task.name, json.dumps(rows), flush=True)
@@ -331,7 +333,10 @@ def levels_probe(args: argparse.Namespace) -> None:
                              ("sumM246", ["M2", "M4", "M6"]), ("sumM46", ["M4", "M6"]),
                              ("sumL46h", ["L4", "L6", "head"])):  # fmt: skip
             dists[label] = torch.stack([dists[n] for n in names]).mean(dim=0)
-        rows = {"flow": _metrics(flow, None, eval_set, size), "default": _metrics(0.5 * (flow + proto), None, eval_set, size)}
+        rows = {
+            "flow": _metrics(flow, None, eval_set, size),
+            "default": _metrics(0.5 * (flow + proto), None, eval_set, size),
+        }
         for name, dist in dists.items():
             rows[name] = _metrics(dist, None, eval_set, size)
             rows[f"{name}+flow"] = _metrics(0.5 * (flow + dist), None, eval_set, size)
@@ -348,7 +353,7 @@ def ensemble_probe(args: argparse.Namespace) -> None:
     runs = [args.run, *args.with_runs]
     exps = [_open_run(argparse.Namespace(**{**vars(args), "run": run})) for run in runs]
     results = {}
-    for task, _fit, held, index in _products(args, exps[0]):
+    for task, _fit, held, _index in _products(args, exps[0]):
         eval_set = exps[0].prepare_eval_set(task)
         if eval_set.masks is None:
             continue
