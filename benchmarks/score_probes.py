@@ -36,9 +36,9 @@ the top-3 mean of the standardised map. Task id given. Writes ``DIR/position.jso
 (Rippel et al. 2020 pool every level of an EfficientNet): for each stage timm exposes of EfficientNet-Lite2
 (``blocks.0``, ``.1``, ``.2``, ``.4``, ``.6``) and its pooled head (``head``), the per-channel mean
 (``L<k>``) or mean and standard deviation (``M<k>``) over the stage's map, a Gaussian (OAS) fitted on the
-fit share, the log distance standardised on the held-out normals; sums of several stages' standardised distances; and each mixed
-half and half with the flow's standardised image score, or in thirds with the flow and the run's own
-routing distance (``3way``). Task id given. Writes ``DIR/levels.json``.
+fit share, the log distance standardised on the held-out normals; sums of several stages' standardised
+distances; and each mixed half and half with the flow's standardised image score, or in thirds with the
+flow and the run's own routing distance (``3way``). Task id given. Writes ``DIR/levels.json``.
 
 ``ensemble``: the flows of several runs of the same products (``--with RUN2 RUN3 ...``, e.g. other seeds)
 averaged: each run's patch and image scores alone, and their mean (``mean``) and the mean of each run's
