@@ -18,7 +18,8 @@ $(BIN)/moleflow: pyproject.toml $(CONSTRAINTS)
 .PHONY: install test lint demo schema constraints
 install: $(BIN)/moleflow
 
-# two workers: the suite's subprocess- and I/O-bound tests overlap (7:19 -> 4:25 on 2 cores); TEST_WORKERS=0 runs in-process
+# two workers: the suite's subprocess- and I/O-bound tests overlap (5:36 in one process, 4:25 on two, 2 cores);
+# TEST_WORKERS=0 runs in one process
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/pytest -n $(TEST_WORKERS)
