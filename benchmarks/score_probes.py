@@ -123,6 +123,18 @@ def _products(args: argparse.Namespace, exp) -> Iterator[tuple[Any, list, list, 
         yield task, list(fit), list(held), exp.detector.router.tasks.index(task.name)
 
 
+def _flow_scores(detector, feats, index: int):
+    """The flow's own scores (``Detector.score_flow``, also in a run that mixes) of ``feats``, product
+    ``index`` given."""
+    return detector.score_flow(feats, torch.full((len(feats),), index, dtype=torch.long))
+
+
+def _standard(s, normals) -> torch.Tensor:
+    """``s`` standardised (float64) by the mean and spread of ``normals``."""
+    s, normals = torch.as_tensor(s).double(), torch.as_tensor(normals).double()
+    return (s - normals.mean()) / normals.std()
+
+
 def memory_bank_probe(args: argparse.Namespace) -> None:
     from moleflow.baselines.patchcore import PatchCoreScorer, patchcore_backbone
     from moleflow.config import replace
@@ -194,26 +206,18 @@ def global_probe(args: argparse.Namespace) -> None:
         eval_set = exp.prepare_eval_set(task)
         fit_feats, held_feats = exp.extract(fit, "fit normals"), exp.extract(held, "held-out normals")
 
-        def scored(feats, index=index):  # the flow's own image score, also in a run that mixes
-            return detector.score_flow(feats, torch.full((len(feats),), index, dtype=torch.long))
-
-        test, normals = scored(eval_set.features), scored(held_feats)
-
-        def standard(s: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-            s, normals = s.double(), normals.double()
-            return (s - normals.mean()) / normals.std()
-
-        flow_img = standard(test.image_scores, normals.image_scores)
+        test, normals = _flow_scores(detector, eval_set.features, index), _flow_scores(detector, held_feats, index)
+        flow_img = _standard(test.image_scores, normals.image_scores)
         features = {
-            "proto": standard(test.distances, normals.distances),
-            "proto_log": standard(test.distances.log(), normals.distances.log()),
-            "proto_sqrt": standard(test.distances.sqrt(), normals.distances.sqrt()),
+            "proto": _standard(test.distances, normals.distances),
+            "proto_log": _standard(test.distances.log(), normals.distances.log()),
+            "proto_sqrt": _standard(test.distances.sqrt(), normals.distances.sqrt()),
         }
         for name, describe in GLOBAL_FEATURES.items():
             gaussian = OAS().fit(describe(fit_feats.patches))
             dist_test = torch.from_numpy(gaussian.mahalanobis(describe(eval_set.features.patches)))
             dist_held = torch.from_numpy(gaussian.mahalanobis(describe(held_feats.patches)))
-            features[name] = standard(dist_test, dist_held)
+            features[name] = _standard(dist_test, dist_held)
         features["proto+meanstd"] = 0.5 * (features["proto"] + features["meanstd"])
         size = exp.eval_size
         rows = {"flow": _metrics(test.image_scores, None, eval_set, size)}
@@ -250,13 +254,10 @@ def position_probe(args: argparse.Namespace) -> None:
         if eval_set.masks is None:
             continue
 
-        def scored(feats, index=index):  # the flow's own scores (the maps do not depend on the mix)
-            return detector.score_flow(feats, torch.full((len(feats),), index, dtype=torch.long))
-
-        test = scored(eval_set.features)
+        test = _flow_scores(detector, eval_set.features, index)  # the maps do not depend on the mix
         normals = {
-            "held": scored(exp.extract(held, "held-out normals")).patch_scores,
-            "fit": scored(exp.extract(fit, "fit normals")).patch_scores,
+            "held": _flow_scores(detector, exp.extract(held, "held-out normals"), index).patch_scores,
+            "fit": _flow_scores(detector, exp.extract(fit, "fit normals"), index).patch_scores,
         }
         size = exp.eval_size
         rows = {"flow": _metrics(test.image_scores, test.patch_scores, eval_set, size)}
@@ -311,24 +312,17 @@ def levels_probe(args: argparse.Namespace) -> None:
     for task, fit, held, index in _products(args, exp):
         eval_set = exp.prepare_eval_set(task)
 
-        def scored(feats, index=index):
-            return detector.score_flow(feats, torch.full((len(feats),), index, dtype=torch.long))
-
-        test, normals = scored(eval_set.features), scored(exp.extract(held, "held-out normals"))
-
-        def standard(s, normals) -> torch.Tensor:
-            s, normals = torch.as_tensor(s).double(), torch.as_tensor(normals).double()
-            return (s - normals.mean()) / normals.std()
-
-        flow = standard(test.image_scores, normals.image_scores)
-        proto = standard(test.distances.log(), normals.distances.log())
+        test = _flow_scores(detector, eval_set.features, index)
+        normals = _flow_scores(detector, exp.extract(held, "held-out normals"), index)
+        flow = _standard(test.image_scores, normals.image_scores)
+        proto = _standard(test.distances.log(), normals.distances.log())
         stats = {split: _stage_statistics(list(samples), size) for split, samples in
                  (("fit", fit), ("held", held), ("test", task.test))}  # fmt: skip
         dists = {}
         for name in stats["fit"]:
             gaussian = OAS().fit(stats["fit"][name])
-            dists[name] = standard(np.log(gaussian.mahalanobis(stats["test"][name])),
-                                   np.log(gaussian.mahalanobis(stats["held"][name])))  # fmt: skip
+            dists[name] = _standard(np.log(gaussian.mahalanobis(stats["test"][name])),
+                                    np.log(gaussian.mahalanobis(stats["held"][name])))  # fmt: skip
         for label, names in (("sumL", ["L0", "L1", "L2", "L4", "L6"]), ("sumM", ["M0", "M1", "M2", "M4", "M6"]),
                              ("sumM246", ["M2", "M4", "M6"]), ("sumM46", ["M4", "M6"]),
                              ("sumL46h", ["L4", "L6", "head"])):  # fmt: skip
@@ -363,13 +357,11 @@ def ensemble_probe(args: argparse.Namespace) -> None:
         for i, exp in enumerate(exps):
             idx = exp.detector.router.tasks.index(task.name)
 
-            def scored(feats, exp=exp, idx=idx):
-                return exp.detector.score_flow(feats, torch.full((len(feats),), idx, dtype=torch.long)).patch_scores
-
-            test, normals = scored(eval_set.features).double(), scored(held_feats).double()
+            test = _flow_scores(exp.detector, eval_set.features, idx).patch_scores.double()
+            normals = _flow_scores(exp.detector, held_feats, idx).patch_scores
             rows[f"run{i}"] = _metrics(aggregate(test.float(), "top_k", 3), test.float(), eval_set, exp.eval_size)
             maps.append(test)
-            standardised.append((test - normals.mean()) / normals.std())
+            standardised.append(_standard(test, normals))
         for name, parts in (("mean", maps), ("mean_z", standardised)):
             avg = torch.stack(parts).mean(dim=0).float()
             rows[name] = _metrics(aggregate(avg, "top_k", 3), avg, eval_set, exps[0].eval_size)
