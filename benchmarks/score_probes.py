@@ -123,6 +123,19 @@ def _products(args: argparse.Namespace, exp) -> Iterator[tuple[Any, list, list, 
         yield task, list(fit), list(held), exp.detector.router.tasks.index(task.name)
 
 
+def _each_product(args: argparse.Namespace, exp, product: Callable[..., dict | None], filename: str) -> None:
+    """``product(task, fit share, held-out normals, router index)`` -> its rows (None: skipped) for each
+    product probed; printed as they come, all written to ``args.out / filename``."""
+    results = {}
+    for task, fit, held, index in _products(args, exp):
+        rows = product(task, fit, held, index)
+        if rows is not None:
+            results[task.name] = rows
+            print(task.name, json.dumps(rows), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / filename).write_text(json.dumps(results, indent=1))
+
+
 def _flow_scores(detector, feats, index: int):
     """The flow's own scores (``Detector.score_flow``, also in a run that mixes) of ``feats``, product
     ``index`` given."""
@@ -145,8 +158,8 @@ def memory_bank_probe(args: argparse.Namespace) -> None:
     cfg, detector = exp.cfg, exp.detector
     pc_cfg = replace(cfg, model=replace(cfg.model, backbone=patchcore_backbone(cfg.model.backbone), scale_context=None))
     pc_exp = ContinualExperiment(pc_cfg, args.out / "patchcore_run", progress=False, feature_cache=args.feature_cache)
-    results = {}
-    for task, fit, held, index in _products(args, exp):
+
+    def product(task, fit, held, index):
 
         def flow(feats, index=index):  # (N, h, w) flow patch scores of the product, task id given
             return detector.score(feats, torch.full((len(feats),), index, dtype=torch.long)).patch_scores
@@ -173,10 +186,9 @@ def memory_bank_probe(args: argparse.Namespace) -> None:
         }
         for w in args.weights:
             rows[f"w{w:g}"] = _metrics((1 - w) * flow_img + w * pc_img, (1 - w) * flow_map + w * pc_map, eval_set, size)
-        results[task.name] = rows
-        print(task.name, json.dumps(rows), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory_bank.json").write_text(json.dumps(results, indent=1))
+        return rows
+
+    _each_product(args, exp, product, "memory_bank.json")
 
 
 def _mean_std(patches: torch.Tensor) -> np.ndarray:
@@ -201,8 +213,8 @@ def global_probe(args: argparse.Namespace) -> None:
 
     exp = _open_run(args)
     detector = exp.detector
-    results = {}
-    for task, fit, held, index in _products(args, exp):
+
+    def product(task, fit, held, index):
         eval_set = exp.prepare_eval_set(task)
         fit_feats, held_feats = exp.extract(fit, "fit normals"), exp.extract(held, "held-out normals")
 
@@ -226,10 +238,9 @@ def global_probe(args: argparse.Namespace) -> None:
             for w in args.weights:
                 rows[f"{name}_w{w:g}"] = _metrics((1 - w) * flow_img + w * dist, None, eval_set, size)
             rows[f"{name}_max"] = _metrics(torch.maximum(flow_img, dist), None, eval_set, size)
-        results[task.name] = rows
-        print(task.name, json.dumps(rows), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "global.json").write_text(json.dumps(results, indent=1))
+        return rows
+
+    _each_product(args, exp, product, "global.json")
 
 
 def _position_statistics(normals: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,11 +259,11 @@ def position_probe(args: argparse.Namespace) -> None:
 
     exp = _open_run(args)
     detector = exp.detector
-    results = {}
-    for task, fit, held, index in _products(args, exp):
+
+    def product(task, fit, held, index):
         eval_set = exp.prepare_eval_set(task)
         if eval_set.masks is None:
-            continue
+            return None
 
         test = _flow_scores(detector, eval_set.features, index)  # the maps do not depend on the mix
         normals = {
@@ -272,10 +283,9 @@ def position_probe(args: argparse.Namespace) -> None:
                     top3 = aggregate(standardised.float(), "top_k", 3)
                     row["image_top3"] = _metrics(top3, None, eval_set, size)["image_auroc"]
                     rows[f"{kind}_{share}_k{k:g}"] = row
-        results[task.name] = rows
-        print(task.name, json.dumps(rows), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "position.json").write_text(json.dumps(results, indent=1))
+        return rows
+
+    _each_product(args, exp, product, "position.json")
 
 
 LITE2_STAGES = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")  # the stages timm exposes
@@ -308,8 +318,8 @@ def levels_probe(args: argparse.Namespace) -> None:
 
     exp = _open_run(args)
     detector, size = exp.detector, exp.eval_size
-    results = {}
-    for task, fit, held, index in _products(args, exp):
+
+    def product(task, fit, held, index):
         eval_set = exp.prepare_eval_set(task)
 
         test = _flow_scores(detector, eval_set.features, index)
@@ -335,10 +345,9 @@ def levels_probe(args: argparse.Namespace) -> None:
             rows[name] = _metrics(dist, None, eval_set, size)
             rows[f"{name}+flow"] = _metrics(0.5 * (flow + dist), None, eval_set, size)
             rows[f"{name}_3way"] = _metrics((flow + proto + dist) / 3, None, eval_set, size)
-        results[task.name] = rows
-        print(task.name, json.dumps(rows), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "levels.json").write_text(json.dumps(results, indent=1))
+        return rows
+
+    _each_product(args, exp, product, "levels.json")
 
 
 def ensemble_probe(args: argparse.Namespace) -> None:
@@ -346,11 +355,11 @@ def ensemble_probe(args: argparse.Namespace) -> None:
 
     runs = [args.run, *args.with_runs]
     exps = [_open_run(argparse.Namespace(**{**vars(args), "run": run})) for run in runs]
-    results = {}
-    for task, _fit, held, _index in _products(args, exps[0]):
+
+    def product(task, _fit, held, _index):
         eval_set = exps[0].prepare_eval_set(task)
         if eval_set.masks is None:
-            continue
+            return None
         held_feats = exps[0].extract(held, "held-out normals")
         maps, standardised = [], []
         rows = {}
@@ -365,10 +374,9 @@ def ensemble_probe(args: argparse.Namespace) -> None:
         for name, parts in (("mean", maps), ("mean_z", standardised)):
             avg = torch.stack(parts).mean(dim=0).float()
             rows[name] = _metrics(aggregate(avg, "top_k", 3), avg, eval_set, exps[0].eval_size)
-        results[task.name] = rows
-        print(task.name, json.dumps(rows), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ensemble.json").write_text(json.dumps(results, indent=1))
+        return rows
+
+    _each_product(args, exps[0], product, "ensemble.json")
 
 
 def main(argv: list[str] | None = None) -> None:
